@@ -1,0 +1,11 @@
+"""srfx passes: one module per pass, one public entry point each.
+
+- :func:`mask` — unstructured magnitude pruning (a masked copy and its masks).
+- :func:`minimize` — apply a removal plan: a smaller dense GraphModule, same function.
+
+Only the public API (:mod:`srfx.api`) orders passes; passes never call each other.
+"""
+from .mask import apply_masks, magnitude_masks, mask
+from .minimize import minimize
+
+__all__ = ["mask", "magnitude_masks", "apply_masks", "minimize"]

@@ -1,0 +1,205 @@
+"""minimize: apply a removal plan, emitting a smaller dense GraphModule (DESIGN §3).
+
+Guarantee: the returned module computes the same function as the traced input up to
+floating-point rounding, in eval semantics; the input GraphModule is not modified.
+
+    >>> # fc1: 4 -> 3 hidden units, unit 2 has a zero row (constant relu(b2)), fc2 reads it
+    >>> # after minimize: fc1 4 -> 2, fc2 2 -> out, fc2.bias += fc2.weight[:, 2] * relu(b2)
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from srfx.errors import RewriteError
+from srfx.facts import ParamKey, ValueKey
+from srfx.planning import Plan
+from srfx.registry import lookup
+from srfx.rules.movement import SHAPE_ARGS, SPLIT, Movement
+
+__all__ = ["minimize"]
+
+
+def _get(root: nn.Module, qualname: str):
+    obj = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(root: nn.Module, qualname: str, value) -> None:
+    owner_name, _, attr = qualname.rpartition(".")
+    owner = _get(root, owner_name) if owner_name else root
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=old.requires_grad)
+    setattr(owner, attr, value)
+
+
+def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
+    """Readers absorb removed constant channels into their bias: b += sum_j W[:, j] c_j."""
+    for fold in plan.folds:
+        role = fold.role
+        w = _get(gm, role.weight).detach().double()
+        out_axis = 1 - role.in_axis
+        w = w.movedim((out_axis, role.in_axis), (0, 1))
+        w_sum = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)[:, torch.as_tensor(fold.index)]
+        delta = (w_sum * torch.as_tensor(fold.values, dtype=torch.float64)[None, :]).sum(1)
+        if not torch.isfinite(delta).all():
+            raise RewriteError(f"folding constants into {role.owner} gave non-finite values")
+        if not delta.any():
+            continue
+        if role.bias is not None:
+            bias = _get(gm, role.bias)
+            _set(gm, role.bias, (bias.detach().double() + delta).to(bias.dtype))
+        else:
+            module = _get(gm, role.owner)
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                raise RewriteError(f"{role.owner} reads a constant channel but has no bias to fold it into")
+            module.bias = nn.Parameter(delta.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
+
+
+def _slice_parameters(gm: fx.GraphModule, plan: Plan) -> set[str]:
+    coupling = plan.coupling
+    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for d in coupling.dims:
+        if isinstance(d.ref.value, ParamKey) and plan.shrinks(d.id):
+            cuts[d.ref.value.qualname][d.ref.axes[0]] = plan.keep(d.id)
+    aliases = defaultdict(list)
+    for name, canon in coupling.aliases.items():
+        aliases[canon].append(name)
+    touched = set()
+    for qualname, axes in cuts.items():
+        t = _get(gm, qualname).detach()
+        for axis, keep in axes.items():
+            t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long, device=t.device))
+        for name in aliases.get(qualname, [qualname]):
+            _set(gm, name, t.clone() if name != qualname else t)
+            touched.add(name.rpartition(".")[0])
+        if len(aliases.get(qualname, [])) > 1:  # keep tied tensors tied
+            first = _get(gm, qualname)
+            for name in aliases[qualname]:
+                owner, _, attr = name.rpartition(".")
+                setattr(_get(gm, owner) if owner else gm, attr, first)
+    return touched
+
+
+def _resize_module(module: nn.Module) -> None:
+    """Bring a module's size attributes in line with its sliced tensors."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        old_out, old_groups, old_in = module.out_channels, module.groups, module.in_channels
+        new_out = module.weight.shape[0]
+        if old_groups > 1 and old_groups == old_in:  # depthwise: `mult` outputs per input channel
+            module.groups = new_out // (old_out // old_groups)
+            module.in_channels = module.groups
+        else:
+            module.in_channels = module.weight.shape[1] * old_groups
+        module.out_channels = new_out
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        t = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = t.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (module.weight.shape[0],) if module.weight is not None else module.normalized_shape
+    elif isinstance(module, nn.GroupNorm):
+        per_group = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        module.num_groups = module.num_channels // per_group
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+
+
+def _new_size(plan: Plan, key: ValueKey, shape, axes_filter=None) -> list:
+    """The output shape of a value after removal (ints where channels shrink, else None)."""
+    coupling = plan.coupling
+    sizes = [None] * len(shape)
+    for d in coupling.dims_of_value(key):
+        if not plan.shrinks(d.id):
+            continue
+        keep = plan.keep(d.id)
+        coords = np.unravel_index(keep, d.sizes)
+        for pos, axis in enumerate(d.ref.axes):
+            sizes[axis] = len(np.unique(coords[pos]))
+    return sizes
+
+
+def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
+    from srfx.tracing import facts_of
+
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        rule = lookup(node, modules)
+        if not isinstance(rule, Movement) or facts_of(node) is None or not facts_of(node).shapes:
+            continue
+        if rule.kind == SHAPE_ARGS:
+            new = _new_size(plan, ValueKey(node.name), facts_of(node).shape)
+            if not any(s is not None for s in new):
+                continue
+            if node.op == "call_module":
+                raise RewriteError(f"{node.target}: cannot resize a {type(modules[node.target]).__name__} module yet")
+            if node.target in ("unflatten", torch.unflatten):
+                x, dim, sizes = node.args[0], node.args[1], list(node.args[2])
+                dim = dim % len(facts_of(x).shape)
+                sizes = [new[dim + i] if new[dim + i] is not None else s for i, s in enumerate(sizes)]
+                node.args = (x, node.args[1], tuple(sizes))
+                continue
+            x, rest = node.args[0], node.args[1:]
+            packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
+            shape = list(rest[0]) if packed else list(rest)
+            if len(shape) != len(new):
+                raise RewriteError(f"{node.format_node()}: cannot line up its shape arguments with its output")
+            shape = [n if n is not None else s for s, n in zip(shape, new)]
+            node.args = (x, tuple(shape)) if packed else (x, *shape)
+        elif rule.kind == SPLIT:
+            _rewrite_split(node, plan)
+
+
+def _rewrite_split(node: fx.Node, plan: Plan) -> None:
+    from srfx.tracing import facts_of
+
+    f = facts_of(node)
+    x = node.args[0]
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    axis = dim % len(facts_of(x).shape)
+    sizes = []
+    changed = False
+    for i, shape in enumerate(f.shapes):
+        new = _new_size(plan, ValueKey(node.name, i), shape)
+        changed |= new[axis] is not None
+        sizes.append(new[axis] if new[axis] is not None else shape[axis])
+    if not changed:
+        return
+    with node.graph.inserting_after(node):
+        node.target = "split" if node.op == "call_method" else torch.split
+        node.args = (x, sizes)
+        node.kwargs = {"dim": axis}
+
+
+def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
+    """Apply ``plan`` (made for ``gm``) to a copy of ``gm``; return the smaller module."""
+    if plan.coupling.graph_module is not gm:
+        raise RewriteError("the plan was made for a different graph module")
+    if not plan.removes_anything and not plan.folds:
+        return PassResult(gm, False)
+    out = copy.deepcopy(gm)
+    # node objects differ in the copy; names are stable
+    _fold_constants(out, plan)
+    touched = _slice_parameters(out, plan)
+    for name in touched:
+        module = _get(out, name) if name else out
+        if isinstance(module, nn.Module):
+            _resize_module(module)
+    _rewrite_shape_args(out, plan)
+    out.graph.lint()
+    out.recompile()
+    return PassResult(out, True)

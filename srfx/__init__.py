@@ -1,0 +1,19 @@
+"""srfx: exact structural minimization of pruned PyTorch networks (Squeeze-Release).
+
+    >>> import srfx
+    >>> small = srfx.compress(model, example_input)      # doctest: +SKIP
+    >>> print(small.meta["srfx_report"])                   # doctest: +SKIP
+"""
+from .api import REPORT_KEY, analyze, compress, plan
+from .coupling import Coupling, Group, coupling_groups
+from .errors import InputError, RewriteError, SrfxError, TraceError, VerificationError
+from .planning import Plan, plan_removal
+from .report import Report
+from .tracing import trace
+
+__all__ = [
+    "compress", "analyze", "plan", "trace", "coupling_groups", "plan_removal",
+    "Coupling", "Group", "Plan", "Report", "REPORT_KEY",
+    "SrfxError", "TraceError", "InputError", "VerificationError", "RewriteError",
+]
+__version__ = "0.1.0"

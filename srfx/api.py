@@ -1,0 +1,95 @@
+"""The public entry points; the only place that orders the stages.
+
+trace -> analyze (coupling groups) -> plan -> rewrite (minimize) -> verify -> report
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .coupling import Coupling, coupling_groups
+from .errors import InputError
+from .planning import Plan, plan_removal
+from .report import Report, count_macs, count_parameters, count_stored
+from .tracing import Traced, _FactRecorder, trace
+from .verify import verify as _verify
+
+__all__ = ["analyze", "plan", "compress", "REPORT_KEY"]
+
+REPORT_KEY = "srfx_report"
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{name} holds NaN or Inf values: srfx cannot prove anything about them; fix the weights first.")
+
+
+def analyze(model: nn.Module, example_input: Any) -> Coupling:
+    """Trace ``model`` (a copy) and return its channel-coupling groups."""
+    return coupling_groups(trace(model, example_input).graph_module)
+
+
+def plan(model: nn.Module, example_input: Any) -> Plan:
+    """What :func:`compress` would remove, as data (``print(plan)`` shows a table)."""
+    return plan_removal(analyze(model, example_input))
+
+
+def compress(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    sparsity: Optional[float] = None,
+    verify: bool = True,
+    random_inputs: int = 2,
+) -> fx.GraphModule:
+    """A smaller dense ``GraphModule`` computing what ``model`` computes (eval semantics).
+
+    The mask is what the model carries: exact zeros in its weights, or masks left by
+    ``torch.nn.utils.prune`` / ``torch.nn.utils.parametrize``. ``sparsity`` first applies
+    global magnitude masking. The result is verified against the model on the example and
+    ``random_inputs`` fresh inputs (``verify=False`` skips that). ``model`` is never modified.
+    The report is at ``result.meta["srfx_report"]``.
+    """
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"srfx.compress takes a torch.nn.Module, got {type(model).__name__}")
+    notes = []
+    if model.training:
+        notes.append("the model is in train mode: srfx compresses its eval-mode function (BatchNorm running statistics, no dropout)")
+    reference = copy.deepcopy(model).eval()
+    if sparsity is not None:
+        from srfx.passes import mask as _mask
+
+        reference, _ = _mask(reference, sparsity)
+    _check_finite(reference)
+    traced: Traced = trace(reference, example_input)
+    coupling = coupling_groups(traced.graph_module)
+    removal = plan_removal(coupling)
+    from srfx.passes import minimize
+
+    result = minimize(traced.graph_module, removal).graph_module
+    if result is traced.graph_module:
+        result = copy.deepcopy(result)
+    with torch.no_grad():
+        _FactRecorder(result).run(*traced.example_inputs)
+    err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
+    result.meta[REPORT_KEY] = Report(
+        params_before=count_parameters(reference),
+        params_after=count_parameters(result),
+        stored_before=count_stored(reference),
+        stored_after=count_stored(result),
+        macs_before=count_macs(traced.graph_module),
+        macs_after=count_macs(result),
+        groups=removal.groups,
+        max_rel_error=err,
+        warnings=tuple(notes),
+    )
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return result

@@ -1,0 +1,280 @@
+"""Channel-coupling analysis: from a traced graph to coupling groups (DESIGN §2).
+
+Every channel dimension (a value's axes, or a parameter's axis) becomes a node of a networkx
+graph; a rule's links join them. Connected components are **coupling groups**. Inside a
+group, every channel index is a *slot*; linked slots are the same channel, so the connected
+components of slots (scipy, on index arrays) are the group's **atoms**: the units that live
+or die together.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+import torch
+import torch.fx as fx
+
+from . import rules as _rules  # noqa: F401  (registers the rule table)
+from .env import NodeEnv, tensor_leaves
+from .facts import Effects, Link, Mix, ParamKey, Ref, Role, ValueKey
+from .registry import describe_op, lookup
+from .tracing import facts_of
+
+__all__ = ["Dim", "Group", "Coupling", "coupling_groups"]
+
+
+@dataclass(frozen=True)
+class Dim:
+    id: int
+    ref: Ref
+    sizes: tuple[int, ...]
+    base: int  # first slot index
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.sizes)) if self.sizes else 1
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    dims: tuple[int, ...]
+    channels: int  # number of atoms
+    writers: tuple[str, ...]
+    readers: tuple[str, ...]
+    ops: tuple[str, ...]
+    fixed: Optional[str]  # why the group cannot shrink, or None
+    mixed: tuple[str, ...]  # why some channels can only go together
+
+    @property
+    def prunable(self) -> bool:
+        return self.fixed is None
+
+
+@dataclass(frozen=True, eq=False)
+class Coupling:
+    """Result of the analysis. Read-only by convention; passes never change it."""
+
+    graph_module: fx.GraphModule
+    dims: tuple[Dim, ...]
+    index: dict  # Ref -> dim id
+    atom_of_slot: np.ndarray  # slot -> atom id
+    group_of_dim: np.ndarray  # dim id -> group id
+    groups: tuple[Group, ...]
+    roles: tuple[Role, ...]
+    fixed: dict  # dim id -> reason
+    needs: tuple[tuple[int, str], ...]
+    mixes: tuple[Mix, ...]
+    effects: dict  # node name -> Effects
+    barriers: dict  # node name -> reason (ops no rule knows, rules that gave up)
+    by_value: dict  # ValueKey -> [dim id]
+    aliases: dict  # parameter qualname -> canonical qualname (tied tensors)
+
+    def dim(self, ref: Ref) -> Dim:
+        if isinstance(ref.value, ParamKey) and ref not in self.index:
+            ref = Ref(ParamKey(self.aliases.get(ref.value.qualname, ref.value.qualname)), ref.axes)
+        return self.dims[self.index[ref]]
+
+    def dims_of_value(self, key: ValueKey) -> list[Dim]:
+        return [self.dims[i] for i in self.by_value.get(key, ())]
+
+    def atoms(self, dim: Dim) -> np.ndarray:
+        return self.atom_of_slot[dim.base : dim.base + dim.size]
+
+    def group_of(self, ref: Ref) -> Group:
+        return self.groups[self.group_of_dim[self.index[ref]]]
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.dims: list[Dim] = []
+        self.index: dict[Ref, int] = {}
+        self.by_value: dict[ValueKey, list[Ref]] = {}
+        self.n_slots = 0
+        self.links: list[tuple[int, int, Optional[tuple[np.ndarray, np.ndarray]]]] = []
+        self.roles: list[Role] = []
+        self.fixed: dict[int, str] = {}
+        self.needs: list[tuple[int, str]] = []
+        self.mixes: list[Mix] = []
+        self.effects: dict[str, Effects] = {}
+        self.barriers: dict[str, str] = {}
+        self.params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+        # tied tensors: every alias of one tensor is the same parameter key
+        first: dict[int, str] = {}
+        self.canonical = {name: first.setdefault(id(t), name) for name, t in self.params.items()}
+
+    def _canon(self, ref: Ref) -> Ref:
+        if isinstance(ref.value, ParamKey):
+            name = self.canonical.get(ref.value.qualname, ref.value.qualname)
+            if name != ref.value.qualname:
+                return Ref(ParamKey(name), ref.axes)
+        return ref
+
+    # --- dims ---------------------------------------------------------------------------
+    def _sizes(self, ref: Ref) -> tuple[int, ...]:
+        if isinstance(ref.value, ParamKey):
+            shape = tuple(self.params[ref.value.qualname].shape)
+        else:
+            f = facts_of(self._node(ref.value.node))
+            shape = f.shapes[max(ref.value.element, 0)]
+        return tuple(shape[a] for a in ref.axes)
+
+    def _node(self, name: str) -> fx.Node:
+        return self._nodes[name]
+
+    def make(self, ref: Ref, fixed_reason: Optional[str] = None) -> int:
+        ref = self._canon(ref)
+        if ref in self.index:
+            return self.index[ref]
+        sizes = self._sizes(ref)
+        d = Dim(len(self.dims), ref, sizes, self.n_slots)
+        self.dims.append(d)
+        self.index[ref] = d.id
+        self.n_slots += d.size
+        if isinstance(ref.value, ValueKey):
+            self.by_value.setdefault(ref.value, []).append(ref)
+        if fixed_reason is not None:
+            self.fixed.setdefault(d.id, fixed_reason)
+        return d.id
+
+    def resolve(self, ref: Ref, current: fx.Node) -> int:
+        """Dim id of ``ref``, creating it if the rule named an untracked axis."""
+        ref = self._canon(ref)
+        if ref in self.index:
+            return self.index[ref]
+        if isinstance(ref.value, ParamKey):
+            return self.make(ref)
+        if ref.value.node == current.name:
+            return self.make(ref)
+        # an input axis no rule upstream tracked (model input, barrier output): keep it
+        return self.make(ref, f"axis {ref.axes} of {ref.value} is not traced to a channel source")
+
+    # --- build --------------------------------------------------------------------------
+    def run(self) -> Coupling:
+        self._nodes = {n.name: n for n in self.gm.graph.nodes}
+        for node in self.gm.graph.nodes:
+            self._visit(node)
+        return self._finish()
+
+    def _visit(self, node: fx.Node) -> None:
+        if facts_of(node) is None:  # never executed (dead code) or non-tensor literal
+            return
+        env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules)
+        rule = lookup(node, self.modules)
+        inputs = [r for a in tensor_leaves((node.args, node.kwargs), elements=True) for r in env.all_dims(a)]
+        if rule is None:
+            eff = _barrier(inputs, f"no channel rule for {describe_op(node, self.modules)}")
+            self.barriers[node.name] = eff.fixed[0][1] if eff.fixed else "no rule"
+        else:
+            eff = rule.effects(node, env)
+        self.effects[node.name] = eff
+        for ref in eff.outputs:
+            self.make(ref)
+        for link in eff.links:
+            a, b = self.resolve(link.a, node), self.resolve(link.b, node)
+            self.links.append((a, b, link.pairs))
+        for role in eff.roles:
+            self.resolve(role.ref, node)
+            if role.weight is not None:
+                role = dataclasses.replace(role, weight=self.canonical.get(role.weight, role.weight), bias=self.canonical.get(role.bias, role.bias) if role.bias else None)
+            self.roles.append(role)
+        for ref, reason in eff.needs:
+            ref = self._canon(ref)
+            self.needs.append((self.resolve(ref, node), reason))
+        for ref, reason in eff.fixed:
+            did = self.resolve(ref, node)
+            self.fixed.setdefault(did, reason)
+            if isinstance(ref.value, ValueKey) and ref.value.node == node.name:
+                self.barriers.setdefault(node.name, reason)
+        for mix in eff.mixes:
+            self.resolve(mix.ref, node)
+            self.mixes.append(Mix(self._canon(mix.ref), mix.labels, mix.reason))
+        # safety net: an input channel dim the rule did not account for must not shrink
+        mentioned = {l.a for l in eff.links} | {l.b for l in eff.links} | {r.ref for r in eff.roles}
+        mentioned |= {r for r, _ in eff.needs} | {r for r, _ in eff.fixed} | {m.ref for m in eff.mixes}
+        mentioned |= set(eff.meta.get("untouched", ()))
+        for ref in inputs:
+            if ref not in mentioned:
+                self.fixed.setdefault(self.index[ref], f"{node.name}: its rule did not say where channel axis {ref.axes} goes")
+
+    def _finish(self) -> Coupling:
+        n = self.n_slots
+        rows, cols = [], []
+        for a, b, pairs in self.links:
+                da, db = self.dims[a], self.dims[b]
+                if pairs is None:
+                    if da.size != db.size:
+                        self.fixed.setdefault(a, f"size mismatch linking {da.ref} and {db.ref}")
+                        self.fixed.setdefault(b, f"size mismatch linking {da.ref} and {db.ref}")
+                        continue
+                    ia = np.arange(da.size)
+                    ib = ia
+                else:
+                    ia, ib = pairs
+                rows.append(da.base + np.asarray(ia, dtype=np.int64))
+                cols.append(db.base + np.asarray(ib, dtype=np.int64))
+        if rows:
+            r = np.concatenate(rows)
+            c = np.concatenate(cols)
+        else:
+            r = c = np.zeros(0, dtype=np.int64)
+        adj = sp.coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
+        _, atom_of_slot = connected_components(adj, directed=False)
+        graph = nx.Graph()
+        graph.add_nodes_from(range(len(self.dims)))
+        graph.add_edges_from((a, b) for a, b, _ in self.links)
+        components = sorted((sorted(c) for c in nx.connected_components(graph)), key=lambda c: c[0])
+        group_of_dim = np.zeros(len(self.dims), dtype=np.int64)
+        for gid, comp in enumerate(components):
+            group_of_dim[comp] = gid
+        groups = tuple(self._group(gid, comp, atom_of_slot, group_of_dim) for gid, comp in enumerate(components))
+        return Coupling(
+            graph_module=self.gm,
+            dims=tuple(self.dims),
+            index=dict(self.index),
+            atom_of_slot=atom_of_slot,
+            group_of_dim=group_of_dim,
+            groups=groups,
+            roles=tuple(self.roles),
+            fixed=dict(self.fixed),
+            needs=tuple(self.needs),
+            mixes=tuple(self.mixes),
+            effects=dict(self.effects),
+            barriers=dict(self.barriers),
+            by_value={k: [self.index[r] for r in refs] for k, refs in self.by_value.items()},
+            aliases=dict(self.canonical),
+        )
+
+    def _group(self, gid, comp, atom_of_slot, group_of_dim) -> Group:
+        atoms = set()
+        for did in comp:
+            d = self.dims[did]
+            atoms.update(np.unique(atom_of_slot[d.base : d.base + d.size]).tolist())
+        members = set(comp)
+
+        def owners(kind):
+            seen = []
+            for role in self.roles:
+                if role.kind == kind and self.index[role.ref] in members and role.owner not in seen:
+                    seen.append(role.owner)
+            return tuple(seen)
+
+        fixed = next((self.fixed[d] for d in comp if d in self.fixed), None)
+        mixed = tuple(dict.fromkeys(m.reason for m in self.mixes if self.index[m.ref] in members))
+        return Group(gid, tuple(comp), len(atoms), owners("writer"), owners("reader"), owners("op"), fixed, mixed)
+
+
+def _barrier(inputs: list[Ref], reason: str) -> Effects:
+    return Effects(fixed=tuple((ref, reason) for ref in inputs))
+
+
+def coupling_groups(gm: fx.GraphModule) -> Coupling:
+    """Analyze a traced, shape-annotated GraphModule (see :func:`srfx.tracing.trace`)."""
+    return _Builder(gm).run()

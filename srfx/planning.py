@@ -1,0 +1,163 @@
+"""Plan: which channels go, and what their readers absorb (DESIGN §3). Data, not actions.
+
+A greatest fixpoint over atoms. An atom is *needed* when a fixed group holds it, a model
+output or a reduction reads it, or some reader reads it through a nonzero weight (among the
+rows still kept) and cannot fold it as a constant. Mixed channels (LayerNorm, GroupNorm
+groups) and multi-axis dims (heads x head_dim, which must stay rectangular) close the set.
+Everything else goes: *unread* atoms simply vanish, *constant* ones are folded into readers'
+biases. Removing rows can make columns unread, so iterate until nothing changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from .constants import Constants, constant_channels
+from .coupling import Coupling
+from .facts import ParamKey, Ref, Role
+
+__all__ = ["Plan", "GroupPlan", "Fold", "plan_removal"]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    group: int
+    channels: int
+    kept: int
+    unread: int
+    constant: int
+    fixed: Optional[str]
+
+
+@dataclass(frozen=True, eq=False)
+class Fold:
+    """Reader ``role`` absorbs input channels ``index`` (of its input dim) carrying ``values``."""
+
+    role: Role
+    index: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    coupling: Coupling
+    constants: Constants
+    kept_atoms: np.ndarray
+    folds: tuple[Fold, ...]
+    groups: tuple[GroupPlan, ...]
+
+    def keep(self, dim_id: int) -> np.ndarray:
+        """Indices of the channels of dim ``dim_id`` that stay."""
+        d = self.coupling.dims[dim_id]
+        return np.nonzero(self.kept_atoms[self.coupling.atoms(d)])[0]
+
+    def shrinks(self, dim_id: int) -> bool:
+        return len(self.keep(dim_id)) < self.coupling.dims[dim_id].size
+
+    @property
+    def removes_anything(self) -> bool:
+        return any(g.kept < g.channels for g in self.groups)
+
+    def table(self) -> str:
+        rows = [
+            (g.group, g.channels, g.kept, g.unread, g.constant, g.fixed or "")
+            for g in self.groups
+            if g.kept < g.channels or g.fixed is None
+        ]
+        return tabulate(rows, headers=["group", "channels", "kept", "unread", "constant", "kept whole because"])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclass(frozen=True, eq=False)
+class _Reader:
+    role: Role
+    in_atoms: np.ndarray
+    out_atoms: np.ndarray
+    weight: np.ndarray  # (out, in) with other axes reduced: "is any weight nonzero"
+    consts: np.ndarray
+    foldable: np.ndarray
+
+
+def _readers(coupling: Coupling, constants: Constants) -> list[_Reader]:
+    out = []
+    for role in coupling.roles:
+        if role.kind != "reader" or role.fold is None:
+            continue
+        in_dim = coupling.dim(role.ref)
+        w = constants.param(role.weight).detach()
+        out_axis = 1 - role.in_axis
+        nz = (w != 0).movedim((out_axis, role.in_axis), (0, 1)).reshape(w.shape[out_axis], w.shape[role.in_axis], -1).any(-1)
+        c = constants.of(in_dim.id)
+        foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
+        out_dim = coupling.dim(Ref(ParamKey(role.weight), (out_axis,)))
+        out.append(_Reader(role, coupling.atoms(in_dim), coupling.atoms(out_dim), nz.numpy(), c, foldable))
+    return out
+
+
+def _close(coupling: Coupling, need: np.ndarray) -> np.ndarray:
+    """Mixed channels go together; multi-axis dims keep a rectangular (product) shape."""
+    multi = [d for d in coupling.dims if len(d.ref.axes) > 1]
+    while True:
+        before = need.copy()
+        for mix in coupling.mixes:
+            atoms = coupling.atoms(coupling.dim(mix.ref))
+            hit = np.zeros(int(mix.labels.max()) + 1, dtype=bool)
+            np.logical_or.at(hit, mix.labels, need[atoms])
+            need[atoms[hit[mix.labels]]] = True
+        for d in multi:
+            atoms = coupling.atoms(d)
+            k = need[atoms].reshape(d.sizes)
+            full = np.ones(d.sizes, dtype=bool)
+            for ax in range(len(d.sizes)):
+                others = tuple(i for i in range(len(d.sizes)) if i != ax)
+                proj = k.any(axis=others, keepdims=True)
+                full &= proj
+            if k.any():
+                need[atoms[full.reshape(-1)]] = True
+        if np.array_equal(before, need):
+            return need
+
+
+def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> Plan:
+    constants = constants or constant_channels(coupling)
+    n_atoms = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0
+    base = np.zeros(n_atoms, dtype=bool)
+    for g in coupling.groups:
+        if g.fixed is not None:
+            for did in g.dims:
+                base[coupling.atoms(coupling.dims[did])] = True
+    for did, _ in coupling.needs:
+        base[coupling.atoms(coupling.dims[did])] = True
+    readers = _readers(coupling, constants)
+    kept = np.ones(n_atoms, dtype=bool)
+    while True:
+        need = base.copy()
+        for r in readers:
+            rows = kept[r.out_atoms]
+            read = r.weight[rows].any(0)
+            need[r.in_atoms[read & ~r.foldable]] = True
+        need = _close(coupling, need)
+        if np.array_equal(need, kept):
+            break
+        kept = need
+    folds, folded_atoms = [], np.zeros(n_atoms, dtype=bool)
+    for r in readers:
+        rows = kept[r.out_atoms]
+        read = r.weight[rows].any(0)
+        idx = np.nonzero(read & ~kept[r.in_atoms])[0]
+        if len(idx):
+            folds.append(Fold(r.role, idx, r.consts[idx]))
+            folded_atoms[r.in_atoms[idx]] = True
+    groups = []
+    for g in coupling.groups:
+        atoms = np.unique(np.concatenate([coupling.atoms(coupling.dims[d]) for d in g.dims]))
+        gone = atoms[~kept[atoms]]
+        n_const = int(folded_atoms[gone].sum())
+        groups.append(GroupPlan(g.id, len(atoms), int(kept[atoms].sum()), len(gone) - n_const, n_const, g.fixed))
+    return Plan(coupling, constants, kept, tuple(folds), tuple(groups))

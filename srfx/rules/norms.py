@@ -1,0 +1,134 @@
+"""Normalization layers.
+
+BatchNorm (eval) is affine per channel: a per-channel op. LayerNorm/RMSNorm over the channel
+axis and GroupNorm read several channels for their statistics: channels of one LayerNorm, or
+of one GroupNorm group, are removed all together or not at all (compensate_ln lifts this).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..facts import Effects, Link, Mix, Role
+from ..registry import ChannelRule, register_instance
+from .common import call_with, per_channel_constant, probe
+
+__all__ = ["BatchNormRule", "LayerNormRule", "GroupNormRule"]
+
+
+def _affine_params(node, env, names):
+    """Qualnames of a norm's per-channel tensors (module attributes or get_attr args)."""
+    if node.op == "call_module":
+        m = env.module()
+        return [f"{node.target}.{n}" for n in names if getattr(m, n, None) is not None]
+    return []
+
+
+def _channel_effects(node, env, ch_axis, params, role_owner):
+    x = env.tensor_args()[0]
+    links, outs = [], []
+    for r in env.dims(x):
+        out = env.out(r.axes)
+        outs.append(out)
+        links.append(Link(r, out))
+    x_ch = env.dim_at(x, (ch_axis,))
+    out = env.out((ch_axis,))
+    if out not in outs:
+        outs.append(out)
+        links.append(Link(x_ch, out))
+    for p in params:
+        links.append(Link(out, env.param_ref(p, 0)))
+    roles = (Role("op", out, role_owner, node.name),)
+    return x_ch, out, Effects(outputs=tuple(outs), links=tuple(links), roles=roles)
+
+
+class BatchNormRule(ChannelRule):
+    name = "batch_norm"
+
+    def _params(self, node, env):
+        if node.op == "call_module":
+            return _affine_params(node, env, ["weight", "bias", "running_mean", "running_var"])
+        # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        args = [env.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+        return [env.param_name(a) for a in args if a is not None]
+
+    def effects(self, node, env):
+        params = self._params(node, env)
+        owner = node.target if node.op == "call_module" else (params[0].rsplit(".", 1)[0] if params else node.name)
+        if node.op == "call_function":
+            args = [env.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+            if any(a is not None and env.param_name(a) is None for a in args) or env.concrete(env.arg(5, "training", False)):
+                x = env.tensor_args()[0]
+                why = f"{node.name}: batch_norm with computed statistics or in training mode"
+                return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (1,)), why),))
+        return _channel_effects(node, env, 1, params, owner)[2]
+
+    def constants(self, node, env, known):
+        x = env.tensor_args()[0]
+        out = env.out((1,))
+        c = known.value_or_nan(env.dim_at(x, (1,)), env.shape(x)[1])
+        shape = (1, len(c)) + (1,) * (len(env.shape(x)) - 2)
+        stand_in = probe(shape, [((1,), c)])
+        args = {x: stand_in}
+        if node.op == "call_module":
+            m = env.module()
+            with torch.no_grad():
+                y = F.batch_norm(
+                    stand_in, m.running_mean.double() if m.running_mean is not None else None,
+                    m.running_var.double() if m.running_var is not None else None,
+                    m.weight.double() if m.weight is not None else None,
+                    m.bias.double() if m.bias is not None else None, False, 0.0, m.eps,
+                )
+        else:
+            y = call_with(node, env, lambda a: args[a] if a in args else (env.param_value(a).double() if a.op == "get_attr" else env.concrete(a)))
+        vals = per_channel_constant(y, (1,))
+        vals[np.isnan(c)] = np.nan
+        return {out: vals}
+
+
+class LayerNormRule(ChannelRule):
+    """LayerNorm over the last axis (nn.LayerNorm, F.layer_norm, RMSNorm)."""
+
+    name = "layer_norm"
+
+    def effects(self, node, env):
+        x = env.tensor_args()[0]
+        n = len(env.shape(x))
+        if node.op == "call_module":
+            m = env.module()
+            shape = tuple(m.normalized_shape)
+            params = _affine_params(node, env, ["weight", "bias"])
+            owner = node.target
+        else:
+            shape = tuple(env.concrete(env.arg(1, "normalized_shape")))
+            affine = (env.arg(2, "weight"),) if node.target is getattr(F, "rms_norm", None) else (env.arg(2, "weight"), env.arg(3, "bias"))
+            params = [env.param_name(a) for a in affine if a is not None]
+            if any(p is None for p in params):
+                why = f"{node.name}: layer_norm with computed affine parameters"
+                return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
+            owner = params[0].rsplit(".", 1)[0] if params else node.name
+        if len(shape) != 1:
+            why = f"{node.name}: normalizes over {len(shape)} axes"
+            return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
+        x_ch, out, eff = _channel_effects(node, env, n - 1, params, owner)
+        mix = Mix(x_ch, np.zeros(shape[0], dtype=np.int64), f"{owner}: LayerNorm statistics read all {shape[0]} channels")
+        return Effects(outputs=eff.outputs, links=eff.links, roles=eff.roles, mixes=(mix,), meta={"norm": "layer"})
+
+
+class GroupNormRule(ChannelRule):
+    name = "group_norm"
+
+    def effects(self, node, env):
+        m = env.module()
+        params = _affine_params(node, env, ["weight", "bias"])
+        x_ch, out, eff = _channel_effects(node, env, 1, params, node.target)
+        labels = np.arange(m.num_channels) // (m.num_channels // m.num_groups)
+        mix = Mix(x_ch, labels, f"{node.target}: GroupNorm statistics read each group of {m.num_channels // m.num_groups} channels")
+        return Effects(outputs=eff.outputs, links=eff.links, roles=eff.roles, mixes=(mix,))
+
+
+register_instance(BatchNormRule(), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)
+register_instance(LayerNormRule(), nn.LayerNorm, F.layer_norm, *( [nn.RMSNorm, F.rms_norm] if hasattr(nn, "RMSNorm") else []))
+register_instance(GroupNormRule(), nn.GroupNorm)

@@ -1,0 +1,153 @@
+"""Elementwise ops with broadcasting: activations, arithmetic, casts, dropout, identity.
+
+Channel i of every operand that spans an output axis is channel i of the output (DESIGN §2).
+A parameter operand that spans it is sliced with the group; an untracked operand that does
+(a model input, a barrier's output) makes the group fixed.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..facts import Effects, Link, Ref, Role
+from ..registry import ChannelRule, register_instance
+from .common import call_with, mutates_input, per_channel_constant, probe, used_after
+
+__all__ = ["Pointwise", "pointwise_effects"]
+
+_ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
+
+
+def pointwise_effects(node, env, additive: bool) -> Effects:
+    out_shape = env.out_shape
+    n = len(out_shape)
+    operands = env.tensor_args()
+    if mutates_input(node, env) and operands and used_after(operands[0], node):
+        reason = f"{node.name} writes in place into {operands[0].name}, which is read again later"
+        return Effects(fixed=tuple((r, reason) for a in operands for r in env.dims(a)))
+    outs: dict[tuple[int, ...], Ref] = {}
+    links, fixed, roles = [], [], []
+    for a in operands:
+        off = n - len(env.shape(a))
+        for ref in env.dims(a):
+            axes = tuple(x + off for x in ref.axes)
+            out = outs.setdefault(axes, env.out(axes))
+            links.append(Link(ref, out))
+            if env.param_name(a) is not None:
+                roles.append(Role("writer" if additive else "op", ref, env.param_name(a), node.name))
+    taken = [a for axes in outs for a in axes]
+    if len(taken) != len(set(taken)):
+        reason = f"{node.name}: operands split channels over different axes"
+        return Effects(fixed=tuple((r, reason) for a in operands for r in env.dims(a)))
+    # operands spanning an output dim's axes without a dim there (model inputs, barriers)
+    for axes, out in outs.items():
+        for a in operands:
+            shp, off = env.shape(a), n - len(env.shape(a))
+            own = [tuple(x + off for x in r.axes) for r in env.dims(a)]
+            if axes in own or all(ax - off < 0 or shp[ax - off] == 1 for ax in axes):
+                continue
+            if any(ax - off < 0 for ax in axes):
+                fixed.append((out, f"{node.name}: operand {a.name} partly broadcasts a channel dim"))
+                continue
+            links.append(Link(env.dim_at(a, tuple(ax - off for ax in axes)), out))
+    return Effects(outputs=tuple(outs.values()), links=tuple(links), roles=tuple(roles), fixed=tuple(fixed))
+
+
+def pointwise_constants(node, env, known) -> dict:
+    """Run the op on per-channel constant stand-ins; a channel is known iff every operand
+    that varies along it is known there and the result is constant over the other axes."""
+    effects = known.effects(node)
+    out_refs = list(effects.outputs)
+    if not out_refs:
+        return {}
+    operands = env.tensor_args()
+    n = len(env.out_shape)
+    masks = {ref: np.ones(int(np.prod([env.out_shape[a] for a in ref.axes])), dtype=bool) for ref in out_refs}
+    stand_ins = {}
+    for a in operands:
+        if env.param_name(a) is not None:
+            stand_ins[a] = env.param_value(a).detach().double()
+            continue
+        shp, off = env.shape(a), n - len(env.shape(a))
+        fills = []
+        covered = set()
+        for ref in env.dims(a):
+            vals = known.value(ref)
+            fills.append((ref.axes, vals))
+            out_axes = tuple(x + off for x in ref.axes)
+            for out in out_refs:
+                if out.axes == out_axes:
+                    masks[out] &= ~np.isnan(vals)
+                    covered.add(out)
+        for out in out_refs:  # an unknown operand without this dim: nothing is known
+            if out not in covered and not all(ax - off < 0 or shp[ax - off] == 1 for ax in out.axes):
+                masks[out][:] = False
+        stand_ins[a] = probe(shp, fills)
+        if not fills:  # untracked data (a model input, a barrier's output): varies unknowably
+            for out in out_refs:
+                masks[out][:] = False
+    try:
+        result = call_with(node, env, lambda a: stand_ins.get(a, env.concrete(a)))
+    except Exception:  # an op that refuses float64 stand-ins: nothing is known
+        return {}
+    if not isinstance(result, torch.Tensor):
+        return {}
+    consts = {}
+    for out in out_refs:
+        if any(result.shape[a] != env.out_shape[a] for a in out.axes):
+            continue
+        vals = per_channel_constant(result, out.axes)
+        vals[~masks[out]] = math.nan
+        consts[out] = vals
+    return consts
+
+
+class Pointwise(ChannelRule):
+    name = "pointwise"
+
+    def __init__(self, additive: bool = False):
+        self.additive = additive
+
+    def effects(self, node, env):
+        return pointwise_effects(node, env, self.additive)
+
+    def constants(self, node, env, known):
+        return pointwise_constants(node, env, known)
+
+
+_UNARY_FUNCTIONS = [
+    torch.relu, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp, torch.log, torch.sqrt,
+    torch.rsqrt, torch.square, torch.sin, torch.cos, torch.erf, torch.reciprocal, torch.clamp, torch.clip,
+    torch.nn.functional.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, torch.detach, torch.clone, operator.neg, operator.pos, torch.relu_,
+    F.relu_, torch.sigmoid_, F.logsigmoid, F.softsign, F.tanhshrink, F.celu, F.hardshrink, torch.erfc,
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "log", "sqrt", "rsqrt",
+    "square", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "contiguous", "clone", "detach", "float",
+    "double", "half", "bfloat16", "to", "type", "type_as", "sin", "cos", "erf", "reciprocal", "exp_", "pow",
+    "sqrt_", "neg_", "abs_",
+]
+_BINARY_FUNCTIONS = [
+    operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.imul, operator.itruediv,
+    torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.where,
+    torch.lerp, torch.addcmul, torch.rsub,
+]
+_BINARY_METHODS = ["mul", "mul_", "div", "div_", "maximum", "minimum", "rsub", "lerp", "addcmul"]
+_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
+]
+
+register_instance(Pointwise(), *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_BINARY_FUNCTIONS, *_BINARY_METHODS, *_MODULES)
+register_instance(
+    Pointwise(additive=True), operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
+    "add", "add_", "sub", "sub_",
+)

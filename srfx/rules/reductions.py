@@ -1,0 +1,132 @@
+"""Per-channel ops that mix positions, not channels: pooling, interpolation, spatial padding,
+reductions over non-channel axes, softmax over non-channel axes.
+
+A channel dim on an axis the op mixes (a reduction or softmax over channels) is read as a
+whole: the dim is needed (reductions) or its channels mixed (softmax).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..facts import Effects, Link, Mix
+from ..registry import ChannelRule, register_instance
+from .common import call_with, per_channel_constant, probe
+
+__all__ = ["PerChannel"]
+
+
+def _spatial_axes(node, env) -> set[int]:
+    return set(range(2, len(env.shape(env.tensor_args()[0]))))
+
+
+def _padded_axes(node, env) -> set[int]:
+    n = len(env.shape(env.tensor_args()[0]))
+    pad = env.concrete(env.arg(1, "pad"))
+    return set(range(n - len(pad) // 2, n))
+
+
+def _reduced_axes(node, env) -> set[int]:
+    n = len(env.shape(env.tensor_args()[0]))
+    dim = env.concrete(env.arg(1, "dim", None))
+    if dim is None:
+        return set(range(n))
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return {d % n for d in dims}
+
+
+def _keepdim(node, env) -> bool:
+    return bool(env.concrete(env.arg(2, "keepdim", False)))
+
+
+class PerChannel(ChannelRule):
+    """``mixed(node, env)`` gives the axes the op mixes; ``reduces`` drops them (no keepdim)."""
+
+    name = "per_channel"
+
+    def __init__(self, mixed, reduces: bool = False):
+        self.mixed = mixed
+        self.reduces = reduces
+
+    def _out_axes(self, axes, node, env, mixed):
+        if not self.reduces or _keepdim(node, env):
+            return axes
+        return tuple(a - sum(1 for m in mixed if m < a) for a in axes)
+
+    def effects(self, node, env):
+        x = env.tensor_args()[0]
+        mixed = self.mixed(node, env)
+        outs, links, needs, fixed = [], [], [], []
+        for r in env.dims(x):
+            if set(r.axes) & mixed:
+                (needs if self.reduces else fixed).append((r, f"{node.name}: mixes channel axis {r.axes}"))
+                continue
+            out = env.out(self._out_axes(r.axes, node, env, mixed))
+            outs.append(out)
+            links.append(Link(r, out))
+        if not env.out_facts.is_tensor:
+            fixed.extend((l.a, f"{node.name}: returns several tensors") for l in links)
+            return Effects(fixed=tuple(fixed), needs=tuple(needs))
+        return Effects(outputs=tuple(outs), links=tuple(links), needs=tuple(needs), fixed=tuple(fixed))
+
+    def constants(self, node, env, known):
+        x = env.tensor_args()[0]
+        eff = known.effects(node)
+        dims = [l.a for l in eff.links]
+        if not dims:
+            return {}
+        fills = [(r.axes, known.value(r)) for r in dims]
+        shape = env.shape(x)
+        stand_in = probe(shape, fills).expand(shape).contiguous()  # full extent: sums count positions
+        try:
+            y = call_with(node, env, lambda a: stand_in if a is x else env.concrete(a))
+        except Exception:
+            return {}
+        result = {}
+        for link in eff.links:
+            vals = per_channel_constant(y, link.b.axes)
+            vals[np.isnan(known.value(link.a))] = math.nan
+            result[link.b] = vals
+        return result
+
+
+class Softmax(ChannelRule):
+    """Softmax along a channel axis mixes those channels; along another axis it is per-channel."""
+
+    name = "softmax"
+
+    def effects(self, node, env):
+        x = env.tensor_args()[0]
+        n = len(env.shape(x))
+        if node.op == "call_module":
+            axis = env.module().dim
+        else:
+            axis = env.concrete(env.arg(1, "dim"))
+        axis = axis % n if axis is not None else n - 1
+        links, mixes, outs = [], [], []
+        for r in env.dims(x):
+            out = env.out(r.axes)
+            outs.append(out)
+            links.append(Link(r, out))
+            if axis in r.axes:
+                labels = np.zeros(int(np.prod([env.shape(x)[a] for a in r.axes])), dtype=np.int64)
+                mixes.append(Mix(r, labels, f"{node.name}: softmax over channels"))
+        return Effects(outputs=tuple(outs), links=tuple(links), mixes=tuple(mixes))
+
+
+_POOLS = [
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, torch.max_pool2d,
+]
+register_instance(PerChannel(_spatial_axes), *_POOLS)
+register_instance(PerChannel(_padded_axes), F.pad)
+register_instance(PerChannel(_reduced_axes, reduces=True), "mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin)
+register_instance(Softmax(), F.softmax, "softmax", torch.softmax, nn.Softmax, F.log_softmax, "log_softmax", nn.LogSoftmax)

@@ -1,0 +1,71 @@
+"""``x.size()``, ``x.shape``, ``x.dim()``, ``x.numel()``: ints about tensors, no channels.
+
+A channel count read this way is safe only if it ends up in a shape argument that the
+rewrite updates (view/reshape/expand); if it flows into arithmetic on tensors (a 1/sqrt(d)
+scale, a division by C) shrinking would change the function, so its channels are kept.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch.fx as fx
+
+from ..facts import Effects
+from ..registry import ChannelRule, lookup, register_instance
+from ..tracing import facts_of
+
+__all__ = ["ShapeQuery"]
+
+_INT_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv, operator.mod, builtins.int}
+
+
+def _only_in_shape_args(node: fx.Node, axes: set[int], modules) -> bool:
+    """Do the sizes of ``axes`` read at ``node`` reach nothing but view/reshape/expand
+    shape arguments (through int arithmetic and indexing of the shape)?"""
+    if not axes:
+        return True
+    from .movement import SHAPE_ARGS, Movement
+
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
+            index = user.args[1]
+            if isinstance(index, int) and isinstance(facts_of(node).value, tuple):
+                n = len(facts_of(node).value)
+                if not _only_in_shape_args(user, axes & {index % n}, modules):
+                    return False
+                continue
+        if user.op == "call_function" and user.target in _INT_ARITHMETIC and not (facts_of(user) and facts_of(user).shapes):
+            if not _only_in_shape_args(user, axes, modules):
+                return False
+            continue
+        rule = lookup(user, modules)
+        if isinstance(rule, Movement) and rule.kind == SHAPE_ARGS and user.args and user.args[0] is not node:
+            continue
+        return False
+    return True
+
+
+class ShapeQuery(ChannelRule):
+    name = "shape_query"
+
+    def effects(self, node, env):
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or env.shape(x) is None:
+            return Effects()
+        n = len(env.shape(x))
+        if node.target in ("size", "shape") or node.target is getattr:
+            which = env.concrete(env.arg(1, "dim", None))
+            axes = set(range(n)) if which is None or isinstance(which, str) else {which % n}
+        else:  # dim() reads no channel count; numel() reads all
+            axes = set(range(n)) if node.target == "numel" else set()
+        touched = [r for r in env.dims(x) if set(r.axes) & axes]
+        if not touched:
+            return Effects(meta={"untouched": tuple(env.dims(x))})
+        if _only_in_shape_args(node, {a for r in touched for a in r.axes} & axes, env.modules):
+            return Effects(meta={"untouched": tuple(env.dims(x))})
+        why = f"{node.name}: channel count used in arithmetic"
+        return Effects(fixed=tuple((r, why) for r in touched), meta={"untouched": tuple(r for r in env.dims(x) if r not in touched)})
+
+
+register_instance(ShapeQuery(), "size", "dim", "numel", getattr)

@@ -1,0 +1,167 @@
+"""Front end: turn a user's model into a shape-annotated ``torch.fx.GraphModule``.
+
+The user's model is never traced in place: tracing works on a deep copy in eval mode, so
+hooks, flags and parameters of the original stay exactly as they were (some timm models
+also break when traced twice).
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import InputError, TraceError
+
+__all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of"]
+
+META_KEY = "srfx"
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced copy of the model: ``graph_module`` carries ``tensor_meta`` on every node."""
+
+    graph_module: fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    front_end: str  # "fx" or "fx+timm-leaves"
+
+
+def normalize_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
+    """Accept a tensor or a tuple/list of tensors as the example input."""
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not inputs:
+        raise InputError("example_input is empty: pass the tensor(s) the model's forward takes.")
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example_input[{i}] is a {type(t).__name__}, not a torch.Tensor: srfx traces with "
+                "real tensors, pass one of the shape and dtype the model expects."
+            )
+    return inputs
+
+
+def _timm_leaves() -> tuple[list[type], list[Any]]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is optional
+        return [], []
+    return list(get_notrace_modules()), list(get_notrace_functions())
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Any]):
+        super().__init__(autowrap_functions=tuple(f for f in autowrap_functions if callable(f)))
+        self._leaf_types = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer) -> fx.GraphModule:
+    graph = tracer.trace(model)
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _where_it_failed(exc: BaseException) -> str:
+    """The innermost user-code frame of a tracing failure, for the error message."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({f.line.strip() if f.line else f.name})"
+
+
+def trace(model: torch.nn.Module, example_input: Any) -> Traced:
+    """Trace a deep copy of ``model`` (eval mode) and annotate shapes with ``example_input``.
+
+    Plain ``torch.fx.symbolic_trace`` first (it sees through every block, so the analysis
+    does too); if that fails, retry with timm's registered leaf modules and functions, which
+    become opaque barriers. If both fail, raise :class:`TraceError` naming where.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"srfx works on torch.nn.Module instances, got {type(model).__name__}.")
+    inputs = normalize_inputs(example_input)
+    failures = []
+    leaf_modules, leaf_functions = _timm_leaves()
+    attempts = [("fx", lambda: fx.Tracer())]
+    if leaf_modules or leaf_functions:
+        attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
+    for front_end, make_tracer in attempts:
+        work = copy.deepcopy(model).eval()
+        try:
+            gm = _symbolic_trace(work, make_tracer())
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+            failures.append(f"{front_end}: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
+            continue
+        _propagate_shapes(gm, inputs)
+        return Traced(gm, inputs, front_end)
+    raise TraceError(
+        f"could not trace {type(model).__name__} with torch.fx:\n  "
+        + "\n  ".join(failures)
+        + "\nData-dependent control flow (an `if` on tensor values or shapes) cannot be traced: "
+        "move it out of forward, or register the module as a leaf (timm.layers.register_notrace_module)."
+    )
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What running the example input showed about one node (stored in ``node.meta["srfx"]``).
+
+    ``shapes`` holds one shape per tensor the node produced: one for a tensor, several for a
+    tuple/list of tensors (``elements`` is then True). ``value`` keeps non-tensor results
+    (ints from ``x.size(1)``, shapes) that rules and rewrites need.
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+    elements: bool
+    value: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shapes[0]
+
+    @property
+    def is_tensor(self) -> bool:
+        return bool(self.shapes) and not self.elements
+
+
+def facts_of(node: fx.Node) -> NodeFacts | None:
+    return node.meta.get(META_KEY)
+
+
+def _facts(result: Any) -> NodeFacts:
+    if isinstance(result, torch.Tensor):
+        return NodeFacts((tuple(result.shape),), (result.dtype,), False)
+    if isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
+        return NodeFacts(tuple(tuple(r.shape) for r in result), tuple(r.dtype for r in result), True)
+    return NodeFacts((), (), False, result)
+
+
+class _FactRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta[META_KEY] = _facts(result)
+        return result
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if n_placeholders != len(inputs):
+        raise InputError(
+            f"the model's forward takes {n_placeholders} tensor argument(s) after tracing, "
+            f"but example_input has {len(inputs)}."
+        )
+    try:
+        with torch.no_grad():
+            _FactRecorder(gm).run(*inputs)
+    except Exception as exc:
+        raise InputError(
+            f"running the model on the example input failed: {type(exc).__name__}: {exc}. "
+            "Check the example input's shape, dtype and device."
+        ) from exc

@@ -1,0 +1,109 @@
+"""Verification: the emitted module must compute what the original computes (DESIGN §7).
+
+``max|a - b| <= atol + rtol * max|a|`` per output tensor, with tolerances per dtype from one
+table. A mismatch raises :class:`VerificationError`; it is never a warning.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import InputError, VerificationError
+
+__all__ = ["TOLERANCES", "tolerance", "compare_outputs", "random_like_inputs", "verify"]
+
+# (rtol, atol) relative to the output's scale; float32 accumulates ~1e-7 per op over depth
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-7),
+    torch.float16: (1e-2, 1e-4),
+    torch.bfloat16: (5e-2, 1e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype not in TOLERANCES:
+        raise InputError(f"srfx verifies float64, float32, float16 and bfloat16 outputs, not {dtype}")
+    return TOLERANCES[dtype]
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(out)
+    bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise InputError(f"model outputs must be tensors or nested tuples/lists/dicts of tensors, found {bad[0]}")
+    return leaves
+
+
+def compare_outputs(expected: Any, actual: Any) -> tuple[float, float, float]:
+    """(max abs error, max relative error, worst allowed/actual margin). Relative error is
+    measured against each output's largest magnitude."""
+    exp, act = _tensors(expected), _tensors(actual)
+    if len(exp) != len(act):
+        raise VerificationError(f"{len(act)} outputs instead of {len(exp)}", max_abs_error=float("inf"), max_rel_error=float("inf"), tolerance=0.0)
+    worst_abs = worst_rel = 0.0
+    ok = True
+    for e, a in zip(exp, act):
+        if e.shape != a.shape:
+            raise VerificationError(f"output shape {tuple(a.shape)} instead of {tuple(e.shape)}", max_abs_error=float("inf"), max_rel_error=float("inf"), tolerance=0.0)
+        if not e.is_floating_point():
+            if not torch.equal(e, a):
+                ok = False
+                worst_abs = worst_rel = float("inf")
+            continue
+        rtol, atol = tolerance(e.dtype)
+        scale = e.double().abs().max().item() if e.numel() else 0.0
+        err = (e.double() - a.double()).abs().max().item() if e.numel() else 0.0
+        if not (err <= atol + rtol * scale):
+            ok = False
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / scale if scale > 0 else err)
+    return worst_abs, worst_rel, (1.0 if ok else 0.0)
+
+
+def random_like_inputs(inputs: tuple[torch.Tensor, ...], count: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Fresh inputs of the example's shapes, dtypes and value ranges."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        batch = []
+        for x in inputs:
+            if x.is_floating_point():
+                std = x.double().std().item() if x.numel() > 1 else 1.0
+                mean = x.double().mean().item()
+                r = torch.randn(x.shape, generator=g, dtype=torch.float64) * (std or 1.0) + mean
+                batch.append(r.to(dtype=x.dtype, device=x.device).contiguous(memory_format=_memory_format(x)))
+            elif x.dtype == torch.bool:
+                batch.append(torch.randint(0, 2, x.shape, generator=g).bool().to(x.device))
+            else:
+                lo, hi = int(x.min()), int(x.max())
+                batch.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=torch.int64).to(dtype=x.dtype, device=x.device))
+        batches.append(tuple(batch))
+    return batches
+
+
+def _memory_format(x: torch.Tensor):
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+
+
+def verify(reference: Callable, candidate: Callable, inputs: tuple[torch.Tensor, ...], *, random_inputs: int = 2, seed: int = 0) -> float:
+    """Run both on the example and on ``random_inputs`` fresh inputs; return the max relative
+    error, or raise :class:`VerificationError`."""
+    worst = 0.0
+    with torch.no_grad():
+        for batch in [inputs] + random_like_inputs(inputs, random_inputs, seed):
+            exp, act = reference(*batch), candidate(*batch)
+            err_abs, err_rel, ok = compare_outputs(exp, act)
+            worst = max(worst, err_rel)
+            if not ok:
+                leaves = [t for t in _tensors(exp) if t.is_floating_point()]
+                rtol, atol = tolerance(leaves[0].dtype) if leaves else (0.0, 0.0)
+                raise VerificationError(
+                    f"the compressed module differs from the original: max abs error {err_abs:.3e}, "
+                    f"max relative error {err_rel:.3e} (allowed rtol {rtol:g} + atol {atol:g}). "
+                    "This is a bug in srfx: please report it with the model.",
+                    max_abs_error=err_abs, max_rel_error=err_rel, tolerance=rtol,
+                )
+    return worst
