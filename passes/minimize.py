@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from srfx.errors import RewriteError
-from srfx.facts import ParamKey, ValueKey
+from srfx.facts import ParamKey, Ref, ValueKey
 from srfx.planning import Plan
 from srfx.registry import lookup
 from srfx.rules.movement import SHAPE_ARGS, SPLIT, Movement
@@ -62,6 +62,9 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
             module = _get(gm, role.owner)
             if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 raise RewriteError(f"{role.owner} reads a constant channel but has no bias to fold it into")
+            # a new bias has no channel dim of its own: give it the rows the weight keeps
+            rows = plan.keep(plan.coupling.dim(Ref(ParamKey(role.weight), (out_axis,))).id)
+            delta = delta[torch.as_tensor(rows, dtype=torch.long)]
             module.bias = nn.Parameter(delta.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
 
 

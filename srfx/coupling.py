@@ -171,7 +171,8 @@ class _Builder:
         inputs = [r for a in tensor_leaves((node.args, node.kwargs), elements=True) for r in env.all_dims(a)]
         if rule is None:
             eff = _barrier(inputs, f"no channel rule for {describe_op(node, self.modules)}")
-            self.barriers[node.name] = eff.fixed[0][1] if eff.fixed else "no rule"
+            if eff.fixed:
+                self.barriers[node.name] = eff.fixed[0][1]
         else:
             eff = rule.effects(node, env)
         self.effects[node.name] = eff

@@ -19,11 +19,14 @@ __all__ = ["BatchNormRule", "LayerNormRule", "GroupNormRule"]
 
 
 def _affine_params(node, env, names):
-    """Qualnames of a norm's per-channel tensors (module attributes or get_attr args)."""
-    if node.op == "call_module":
-        m = env.module()
-        return [f"{node.target}.{n}" for n in names if getattr(m, n, None) is not None]
-    return []
+    """Refs of a norm module's per-channel tensors (axis 0 of each)."""
+    m = env.module()
+    return [env.param_ref(f"{node.target}.{n}", 0) for n in names if getattr(m, n, None) is not None]
+
+
+def _arg_refs(env, args):
+    """Refs of per-channel tensors passed as get_attr arguments of a functional norm."""
+    return [r for a in args if a is not None for r in env.dims(a)]
 
 
 def _channel_effects(node, env, ch_axis, params, role_owner):
@@ -39,7 +42,7 @@ def _channel_effects(node, env, ch_axis, params, role_owner):
         outs.append(out)
         links.append(Link(x_ch, out))
     for p in params:
-        links.append(Link(out, env.param_ref(p, 0)))
+        links.append(Link(out, p))
     roles = (Role("op", out, role_owner, node.name),)
     return x_ch, out, Effects(outputs=tuple(outs), links=tuple(links), roles=roles)
 
@@ -52,11 +55,13 @@ class BatchNormRule(ChannelRule):
             return _affine_params(node, env, ["weight", "bias", "running_mean", "running_var"])
         # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         args = [env.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-        return [env.param_name(a) for a in args if a is not None]
+        return _arg_refs(env, args)
 
     def effects(self, node, env):
         params = self._params(node, env)
-        owner = node.target if node.op == "call_module" else (params[0].rsplit(".", 1)[0] if params else node.name)
+        names = [env.param_name(env.arg(i, "")) for i in (1, 2, 3, 4)] if node.op == "call_function" else []
+        names = [n for n in names if n]
+        owner = node.target if node.op == "call_module" else (names[0].rsplit(".", 1)[0] if names else node.name)
         if node.op == "call_function":
             args = [env.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
             if any(a is not None and env.param_name(a) is None for a in args) or env.concrete(env.arg(5, "training", False)):
@@ -104,11 +109,12 @@ class LayerNormRule(ChannelRule):
         else:
             shape = tuple(env.concrete(env.arg(1, "normalized_shape")))
             affine = (env.arg(2, "weight"),) if node.target is getattr(F, "rms_norm", None) else (env.arg(2, "weight"), env.arg(3, "bias"))
-            params = [env.param_name(a) for a in affine if a is not None]
-            if any(p is None for p in params):
+            names = [env.param_name(a) for a in affine if a is not None]
+            if any(p is None for p in names):
                 why = f"{node.name}: layer_norm with computed affine parameters"
                 return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
-            owner = params[0].rsplit(".", 1)[0] if params else node.name
+            params = _arg_refs(env, affine)
+            owner = names[0].rsplit(".", 1)[0] if names else node.name
         if len(shape) != 1:
             why = f"{node.name}: normalizes over {len(shape)} axes"
             return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))

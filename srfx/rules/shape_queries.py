@@ -54,9 +54,11 @@ class ShapeQuery(ChannelRule):
         if not isinstance(x, fx.Node) or env.shape(x) is None:
             return Effects()
         n = len(env.shape(x))
-        if node.target in ("size", "shape") or node.target is getattr:
+        if node.target is getattr:
+            axes = set(range(n)) if node.args[1] == "shape" else set()  # ndim, dtype, device: no sizes
+        elif node.target == "size":
             which = env.concrete(env.arg(1, "dim", None))
-            axes = set(range(n)) if which is None or isinstance(which, str) else {which % n}
+            axes = set(range(n)) if which is None else {which % n}
         else:  # dim() reads no channel count; numel() reads all
             axes = set(range(n)) if node.target == "numel" else set()
         touched = [r for r in env.dims(x) if set(r.axes) & axes]
