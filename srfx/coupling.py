@@ -169,7 +169,12 @@ class _Builder:
         env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules)
         rule = lookup(node, self.modules)
         inputs = [r for a in tensor_leaves((node.args, node.kwargs), elements=True) for r in env.all_dims(a)]
-        if rule is None:
+        if rule is not None and not facts_of(node).shapes and rule.name not in ("shape_query", "movement", "output"):
+            # a python value computed from tensors (int arithmetic on sizes, .item()): no channels
+            eff = _barrier(inputs, f"{node.name}: turns tensor values into a python value")
+            if eff.fixed:
+                self.barriers[node.name] = eff.fixed[0][1]
+        elif rule is None:
             eff = _barrier(inputs, f"no channel rule for {describe_op(node, self.modules)}")
             if eff.fixed:
                 self.barriers[node.name] = eff.fixed[0][1]
