@@ -1,0 +1,124 @@
+"""Helpers shared by the benchmark scripts (not a benchmark itself).
+
+The scripts run as ``python bench/<script>.py`` from the repository root, so this file is
+importable as ``_common`` (Python puts the script's folder first on ``sys.path``).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quiet_warnings() -> None:
+    """Torch-Pruning warns about unwrapped parameters (cls_token, layer-scale gamma) on every
+    build; the message is the same each run and drowns the tables."""
+    warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
+
+
+@contextmanager
+def no_gc():
+    """Collect first, then keep the collector out of the timed region."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    with no_gc():
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return dt, out
+
+
+def summary(times: list[float]) -> dict:
+    return {
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "runs_s": list(times),
+    }
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def fmt(v, spec: str = ".3f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def git_state() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "srfx", "passes"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip())
+    except Exception:  # git missing: the numbers are still worth writing
+        rev, dirty = "", None
+    return {"commit": rev, "srfx_sources_dirty": dirty}
+
+
+def environment() -> dict:
+    import timm
+    import torch_pruning as tp
+
+    import srfx
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_pruning": getattr(tp, "__version__", "?"),
+        "srfx": srfx.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **git_state(),
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def state_fingerprint(model: torch.nn.Module) -> dict:
+    """Cheap identity of every tensor of a model: shape and float64 sum (catches in-place
+    pruning or rewriting of the original)."""
+    out = {}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            out[k] = (tuple(v.shape), float(v.double().sum()) if v.is_floating_point() else int(v.sum()))
+    return out
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
