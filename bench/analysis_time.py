@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     C.quiet_warnings()
     t_start = time.perf_counter()
+    load0 = C.loadavg()
     rows = []
     for name in args.models:
         print(f"[analysis_time] {name} ...", file=sys.stderr, flush=True)
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     notes = []
     for r in rows:
         if "error" in r:
-            table.append([r["model"]] + ["-"] * 7)
+            table.append([r["model"]] + ["-"] * 8)
             notes.append(f"{r['model']}: {r['error']}")
             continue
         s, t, d = r.get("srfx"), r.get("tp"), r["deepcopy"]
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
             label,
             C.fmt(s and s["best_s"]), C.fmt(s and s["median_s"]),
             C.fmt(t and t["best_s"]), C.fmt(t and t["median_s"]),
+            C.fmt(r["ratio_tp_over_srfx_best"], ".2f"),
             C.fmt(r["ratio_tp_over_srfx_median"], ".2f"),
             C.fmt(d["median_s"]),
             f"{r.get('srfx_groups', '-')}/{r.get('tp_groups', '-')}",
@@ -167,10 +169,11 @@ def main(argv=None) -> int:
         for k in ("srfx_error", "tp_error"):
             if k in r:
                 notes.append(f"{r['model']}: {k}: {r[k]}")
-    headers = ["model", "srfx best s", "srfx med s", "TP best s", "TP med s", "TP/srfx (med)", "deepcopy s", "groups srfx/TP"]
+    headers = ["model", "srfx best s", "srfx med s", "TP best s", "TP med s", "TP/srfx (best)", "TP/srfx (med)", "deepcopy s", "groups srfx/TP"]
     print()
     print(f"Analysis time, input 1x3x224x224, {args.repeats} timed run(s) after 1 warm-up, {torch.get_num_threads()} threads")
     print(tabulate(table, headers=headers, disable_numparse=True))
+    print(f"load average at start/end: {load0} / {C.loadavg()} (other processes share these cores: prefer 'best')")
     print("TP/srfx > 1 means srfx's analysis is faster. srfx time includes its internal deepcopy of the model (column 'deepcopy s').")
     for n in notes:
         print("note:", n)
@@ -182,6 +185,8 @@ def main(argv=None) -> int:
         "warmup": 1,
         "environment": C.environment(),
         "wall_s": time.perf_counter() - t_start,
+        "loadavg_start": load0,
+        "loadavg_end": C.loadavg(),
         "models": rows,
     })
     print(f"wrote {path.relative_to(path.parent.parent.parent)}")

@@ -188,6 +188,29 @@ def _rewrite_split(node: fx.Node, plan: Plan) -> None:
         node.kwargs = {"dim": axis}
 
 
+def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
+    """Readers of groups that cannot shrink drop their all-zero input columns and read the
+    kept channels through an index_select (the model's interface stays as it was)."""
+    touched = set()
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for i, gather in enumerate(plan.gathers):
+        role = gather.role
+        keep = torch.as_tensor(gather.keep, dtype=torch.long)
+        w = _get(gm, role.weight)
+        _set(gm, role.weight, w.detach().index_select(role.in_axis, keep))
+        node = nodes[role.owner]
+        x = node.args[0]
+        axis = -1 if isinstance(_get(gm, role.owner), nn.Linear) else 1
+        name = f"_srfx_gather_{i}"
+        gm.register_buffer(name, keep)
+        with gm.graph.inserting_before(node):
+            idx = gm.graph.get_attr(name)
+            picked = gm.graph.call_function(torch.index_select, (x, axis, idx))
+        node.replace_input_with(x, picked)
+        touched.add(role.owner)
+    return touched
+
+
 def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
     """Apply ``plan`` (made for ``gm``) to a copy of ``gm``; return the smaller module."""
     if plan.coupling.graph_module is not gm:
@@ -197,7 +220,7 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
     out = copy.deepcopy(gm)
     # node objects differ in the copy; names are stable
     _fold_constants(out, plan)
-    touched = _slice_parameters(out, plan)
+    touched = _slice_parameters(out, plan) | _gather_inputs(out, plan)
     for name in touched:
         module = _get(out, name) if name else out
         if isinstance(module, nn.Module):

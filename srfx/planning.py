@@ -20,7 +20,7 @@ from .constants import Constants, constant_channels
 from .coupling import Coupling
 from .facts import ParamKey, Ref, Role
 
-__all__ = ["Plan", "GroupPlan", "Fold", "plan_removal"]
+__all__ = ["Plan", "GroupPlan", "Fold", "Gather", "plan_removal"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,22 @@ class Fold:
 
 
 @dataclass(frozen=True, eq=False)
+class Gather:
+    """Reader ``role`` keeps only input channels ``keep`` of a group that cannot shrink (a model
+    input, a barrier's output): its all-zero columns go, and an index_select feeds it."""
+
+    role: Role
+    keep: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
     coupling: Coupling
     constants: Constants
     kept_atoms: np.ndarray
     folds: tuple[Fold, ...]
     groups: tuple[GroupPlan, ...]
+    gathers: tuple[Gather, ...] = ()
 
     def keep(self, dim_id: int) -> np.ndarray:
         """Indices of the channels of dim ``dim_id`` that stay."""
@@ -60,7 +70,7 @@ class Plan:
 
     @property
     def removes_anything(self) -> bool:
-        return any(g.kept < g.channels for g in self.groups)
+        return any(g.kept < g.channels for g in self.groups) or bool(self.gathers)
 
     def table(self) -> str:
         rows = [
@@ -154,10 +164,26 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
         if len(idx):
             folds.append(Fold(r.role, idx, r.consts[idx]))
             folded_atoms[r.in_atoms[idx]] = True
+    gathers = tuple(_gathers(coupling, readers, kept))
     groups = []
     for g in coupling.groups:
         atoms = np.unique(np.concatenate([coupling.atoms(coupling.dims[d]) for d in g.dims]))
         gone = atoms[~kept[atoms]]
         n_const = int(folded_atoms[gone].sum())
         groups.append(GroupPlan(g.id, len(atoms), int(kept[atoms].sum()), len(gone) - n_const, n_const, g.fixed))
-    return Plan(coupling, constants, kept, tuple(folds), tuple(groups))
+    return Plan(coupling, constants, kept, tuple(folds), tuple(groups), gathers)
+
+
+def _gathers(coupling: Coupling, readers: list[_Reader], kept: np.ndarray):
+    calls: dict[str, int] = {}
+    for node in coupling.graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    tied = {c for n, c in coupling.aliases.items() if n != c}
+    for r in readers:
+        group = coupling.group_of(r.role.ref)
+        if group.fixed is None or r.role.fold == "zero_only" or calls.get(r.role.owner) != 1 or r.role.weight in tied:
+            continue
+        read = r.weight[kept[r.out_atoms]].any(0)
+        if not read.all() and read.any():
+            yield Gather(r.role, np.nonzero(read)[0])

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 __all__ = [
     "ACTIVATIONS", "Case", "MLP", "CNN", "ResNet", "ResMLP", "CatSplit", "SE", "GroupedNet",
     "mlps", "cnns", "residuals", "cat_splits", "se_nets", "grouped_nets", "any_model", "FAMILIES",
-    "randomize", "apply_masks", "random_masks", "fresh_input",
+    "randomize", "apply_masks", "random_masks", "lifelines", "fresh_input",
 ]
 
 ACTIVATIONS = {
@@ -188,6 +188,21 @@ class CatSplit(nn.Module):
         self.bn = nn.BatchNorm2d(merged)
         self.tail = nn.Conv2d(merged, tail, 1)
         self.head = nn.Linear(tail, n_out)
+        self.a = a
+
+    def lifelines(self):
+        """Besides channel 0 of every layer: channel 0 of the second branch."""
+        weights, bns = [], []
+        if self.mode in ("split", "chunk"):
+            weights.append(("stem", self.sizes[0], 0))
+            bns.append(("stem_bn", self.sizes[0]))
+        if self.mode == "cat_split":
+            cut = self.sizes[0]
+            weights.append(("conv_a", cut, 0) if cut < self.a else ("conv_b", cut - self.a, 0))
+        if self.mode in ("cat", "cat_split") or self.merge == "cat":
+            weights.append(("tail", 0, self.a))
+            bns.append(("bn", self.a))
+        return weights, bns
 
     def forward(self, x):
         x = torch.relu(self.stem_bn(self.stem(x)))
@@ -299,6 +314,24 @@ def randomize(model: nn.Module, seed: int) -> None:
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g, dtype=torch.float64))
 
 
+def lifelines(model: nn.Module) -> tuple[set, set]:
+    """Weight entries ``(layer, row, col)`` and BN entries ``(bn, index)`` that stay nonzero
+    so every channel group keeps at least one live channel: entry (0, 0) of every weighted
+    layer and gamma 0 of every BatchNorm (channel 0 flows from the input to the output),
+    plus what a model's ``lifelines()`` adds for its other branches."""
+    weights, bns = set(), set()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            weights.add((name, 0, 0))
+        elif isinstance(m, nn.BatchNorm2d):
+            bns.add((name, 0))
+    if hasattr(model, "lifelines"):
+        w, b = model.lifelines()
+        weights |= set(w)
+        bns |= set(b)
+    return weights, bns
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict, seed: int) -> None:
     g = torch.Generator().manual_seed(seed ^ 0x5EED)
@@ -315,37 +348,48 @@ def apply_masks(model: nn.Module, masks: dict, seed: int) -> None:
         for c in spec["cols"]:
             w[:, c] = 0.0
         if spec["density"]:
-            w[torch.rand(w.shape, generator=g) < spec["density"]] = 0.0
+            kill = torch.rand(w.shape, generator=g) < spec["density"]
+            for r, c in spec.get("spare", ()):
+                kill[r, c] = False
+            w[kill] = 0.0
         if spec["zero_bias"] and m.bias is not None:
             m.bias.zero_()
 
 
 @st.composite
-def random_masks(draw, model: nn.Module, kill: bool = True) -> dict:
-    """Per weighted layer / BatchNorm: which rows, columns, weights, biases, gammas die."""
+def random_masks(draw, model: nn.Module, kill: bool = True, spare: bool = True) -> dict:
+    """Per weighted layer / BatchNorm: which rows, columns, weights, biases, gammas die.
+
+    ``kill=False``: nothing dies. ``spare=True``: the :func:`lifelines` entries survive, so
+    no channel group dies whole; ``spare=False``: anything may die."""
     masks = {}
+    keep_w, keep_bn = lifelines(model) if spare else (set(), set())
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             n_out, n_in = m.weight.shape[:2]
             if not kill:
                 masks[name] = {"rows": [], "cols": [], "density": 0.0, "zero_bias": False}
                 continue
+            spared = sorted((r, c) for (l, r, c) in keep_w if l == name)
+            rows = [r for r in range(n_out) if r not in {r for r, _ in spared}]
+            cols = [c for c in range(n_in) if c not in {c for _, c in spared}]
             masks[name] = {
-                "rows": sorted(draw(st.sets(st.integers(0, n_out - 1), max_size=n_out))),
-                "cols": sorted(draw(st.sets(st.integers(0, n_in - 1), max_size=n_in))),
+                "rows": sorted(draw(st.sets(st.sampled_from(rows), max_size=len(rows)))) if rows else [],
+                "cols": sorted(draw(st.sets(st.sampled_from(cols), max_size=len(cols)))) if cols else [],
                 "density": draw(st.sampled_from([0.0, 0.0, 0.3, 0.7])),
                 "zero_bias": draw(st.booleans()) if m.bias is not None else False,
+                "spare": spared,
             }
         elif isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            masks[name] = {"bn_zero": sorted(draw(st.sets(st.integers(0, n - 1), max_size=n))) if kill else []}
+            idx = [i for i in range(m.num_features) if (name, i) not in keep_bn]
+            masks[name] = {"bn_zero": sorted(draw(st.sets(st.sampled_from(idx), max_size=len(idx)))) if kill and idx else []}
     return masks
 
 
-def _finish(draw, model: nn.Module, input_shape, family: str, kill: bool = True) -> Case:
+def _finish(draw, model: nn.Module, input_shape, family: str, kill: bool = True, spare: bool = True) -> Case:
     seed = draw(st.integers(0, 2**31 - 1))
     randomize(model, seed)
-    masks = draw(random_masks(model, kill))
+    masks = draw(random_masks(model, kill, spare))
     apply_masks(model, masks, seed)
     return Case(model.float().eval(), tuple(input_shape), family, masks)
 
@@ -369,9 +413,9 @@ def mlp_models(draw, min_depth: int = 1, max_depth: int = 4, activations=None) -
 
 
 @st.composite
-def mlps(draw, kill: bool = True, **kw) -> Case:
+def mlps(draw, kill: bool = True, spare: bool = True, **kw) -> Case:
     model = draw(mlp_models(**kw))
-    return _finish(draw, model, (_BATCH, model.layers[0].in_features), "mlp", kill)
+    return _finish(draw, model, (_BATCH, model.layers[0].in_features), "mlp", kill, spare)
 
 
 @st.composite
@@ -396,18 +440,18 @@ def cnn_models(draw, min_blocks: int = 1, max_blocks: int = 3):
 
 
 @st.composite
-def cnns(draw, kill: bool = True, **kw) -> Case:
+def cnns(draw, kill: bool = True, spare: bool = True, **kw) -> Case:
     model, shape = draw(cnn_models(**kw))
-    return _finish(draw, model, shape, "cnn", kill)
+    return _finish(draw, model, shape, "cnn", kill, spare)
 
 
 @st.composite
-def residuals(draw, kill: bool = True) -> Case:
+def residuals(draw, kill: bool = True, spare: bool = True) -> Case:
     if draw(st.booleans()):
         in_f = draw(st.integers(1, 8))
         hiddens = draw(st.lists(st.integers(1, 8), min_size=1, max_size=3))
         model = ResMLP(in_f, draw(st.integers(1, 8)), hiddens, draw(_acts), draw(st.integers(1, 4)))
-        return _finish(draw, model, (_BATCH, in_f), "resmlp", kill)
+        return _finish(draw, model, (_BATCH, in_f), "resmlp", kill, spare)
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(4, 7))
     stem = draw(st.integers(1, 6))
@@ -417,11 +461,11 @@ def residuals(draw, kill: bool = True) -> Case:
         blocks.append((draw(st.integers(1, 6)), cout, draw(st.sampled_from([1, 3])), draw(st.integers(1, 2)), draw(st.booleans()), draw(st.booleans())))
         prev = cout
     model = ResNet(in_ch, stem, blocks, draw(st.integers(1, 4)))
-    return _finish(draw, model, (_BATCH, in_ch, size, size), "resnet", kill)
+    return _finish(draw, model, (_BATCH, in_ch, size, size), "resnet", kill, spare)
 
 
 @st.composite
-def cat_splits(draw, kill: bool = True) -> Case:
+def cat_splits(draw, kill: bool = True, spare: bool = True) -> Case:
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(3, 6))
     mode = draw(st.sampled_from(["cat", "split", "chunk", "cat_split"]))
@@ -436,22 +480,22 @@ def cat_splits(draw, kill: bool = True) -> Case:
     merge = draw(st.sampled_from(["cat", "add"]))
     k = draw(st.sampled_from([1, 3]))
     model = CatSplit(in_ch, stem, mode, a, b, cut, merge, k, draw(st.integers(1, 6)), draw(st.integers(1, 4)))
-    return _finish(draw, model, (_BATCH, in_ch, size, size), f"catsplit-{mode}", kill)
+    return _finish(draw, model, (_BATCH, in_ch, size, size), f"catsplit-{mode}", kill, spare)
 
 
 @st.composite
-def se_nets(draw, kill: bool = True) -> Case:
+def se_nets(draw, kill: bool = True, spare: bool = True) -> Case:
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(3, 6))
     model = SE(
         in_ch, draw(st.integers(1, 8)), draw(st.integers(1, 4)), draw(st.sampled_from([1, 3])),
         draw(st.integers(1, 6)), draw(st.integers(1, 4)), draw(st.sampled_from(["mean", "adaptive"])),
     )
-    return _finish(draw, model, (_BATCH, in_ch, size, size), "se", kill)
+    return _finish(draw, model, (_BATCH, in_ch, size, size), "se", kill, spare)
 
 
 @st.composite
-def grouped_nets(draw, kill: bool = True, kind=None) -> Case:
+def grouped_nets(draw, kill: bool = True, spare: bool = True, kind=None) -> Case:
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(3, 6))
     kind = kind or draw(st.sampled_from(["depthwise", "grouped"]))
@@ -464,7 +508,7 @@ def grouped_nets(draw, kill: bool = True, kind=None) -> Case:
         in_ch, ch, kind, groups, draw(st.integers(1, 2)), draw(st.sampled_from([1, 3])),
         draw(st.sampled_from([0, 1])), draw(st.integers(1, 6)), draw(st.integers(1, 4)),
     )
-    return _finish(draw, model, (_BATCH, in_ch, size, size), kind, kill)
+    return _finish(draw, model, (_BATCH, in_ch, size, size), kind, kill, spare)
 
 
 FAMILIES = {
@@ -477,5 +521,5 @@ FAMILIES = {
 }
 
 
-def any_model(kill: bool = True):
-    return st.one_of(*(f(kill=kill) for f in FAMILIES.values()))
+def any_model(kill: bool = True, spare: bool = True):
+    return st.one_of(*(f(kill=kill, spare=spare) for f in FAMILIES.values()))

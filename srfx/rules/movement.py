@@ -101,6 +101,8 @@ class Movement(ChannelRule):
                     sizes = tuple(shape[a] for a in ref.axes)
                     ch = np.where(mask, np.ravel_multi_index(tuple(coords[a] for a in ref.axes), sizes), -1)
                     axes = _varying_axes(ch)
+                    if not axes and len(ref.axes) == 1 and self._along(node, env) == ref.axes[0]:
+                        axes = [ref.axes[0]]  # a one-channel piece of a cat/split stays on its axis
                     table = _table(ch, axes) if axes else None
                     if table is None:
                         fixed.append((ref, f"{node.name}: channels move where srfx cannot follow them"))
@@ -162,6 +164,20 @@ class Movement(ChannelRule):
             vals = np.where(seen & (lo == hi), lo, np.nan)
             result[out] = vals
         return result
+
+    def _along(self, node, env):
+        """The axis a cat/split/chunk works along (their output keeps axis numbering)."""
+        if node.target not in (torch.cat, torch.concat, "split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split):
+            return None
+        first = env.tensor_args()[0] if env.tensor_args() else None
+        shape = env.shape(first) if first is not None else None
+        if shape is None and node.args and isinstance(node.args[0], (list, tuple)):
+            shape = env.shape(node.args[0][0])
+        if shape is None:
+            return None
+        index = 1 if node.target in (torch.cat, torch.concat) else 2
+        dim = env.concrete(env.arg(index, "dim", 0))
+        return dim % len(shape) if isinstance(dim, int) else None
 
     def _check_index_op(self, node, coverage, sizes):
         """Indexing and splitting are exact to rewrite when each input channel lands exactly
