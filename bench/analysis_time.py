@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model, after one warm-up (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="analysis_time.json", help="file name under bench/results/ (default analysis_time.json)")
     ap.add_argument("--no-wrap", action="store_true",
                     help="do not retry a model srfx rejects behind a forward(x) wrapper (see ForwardX)")
     args = ap.parse_args(argv)
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     for n in notes:
         print("note:", n)
 
-    path = C.write_json("analysis_time.json", {
+    path = C.write_json(args.out, {
         "benchmark": "analysis_time",
         "input_shape": [1, 3, 224, 224],
         "repeats": args.repeats,

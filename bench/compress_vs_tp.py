@@ -212,6 +212,7 @@ def bench_model(name: str, kill_rate: float, repeats: int, batches: list[int], s
         for b in batches:
             lat = latency({"original": model, "srfx": small}, b, repeats, seed + 2)
             lat["speedup_original_over_srfx"] = C.ratio(lat["original"]["median_s"], lat["srfx"]["median_s"])
+            lat["speedup_original_over_srfx_best"] = C.ratio(lat["original"]["best_s"], lat["srfx"]["best_s"])
             row["latency"][f"batch{b}"] = lat
     return row
 
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="compress_vs_tp.json", help="file name under bench/results/ (default compress_vs_tp.json)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.kill_rate < 1.0:
         ap.error("--kill-rate must be in [0, 1)")
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
         except Exception as exc:
             rows.append({"model": name, "error": C.short_error(exc, 600)})
 
-    path = C.write_json("compress_vs_tp.json", {
+    path = C.write_json(args.out, {
         "benchmark": "compress_vs_tp",
         "kill_rate": args.kill_rate,
         "seed": args.seed,
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
             C.fmt(t.get("time_s"), ".2f"),
             "-" if "params_after" not in t else f"{t['params_after'] / 1e6:.2f} ({pb / t['params_after']:.2f}x)",
             C.fmt(t.get("max_rel_error"), ".1e"),
-            f"{t.get('groups_pruned', '-')}/{t.get('groups_rejected', '-')}",
+            f"{t.get('groups_pruned', '-')}/{t.get('groups_rejected', '-')}/{len(t.get('prune_errors', ())) if 'error' not in t else '-'}",
             C.fmt(C.ratio(t.get("time_s"), s.get("time_s")), ".2f"),
         ])
         if "error" in s:
@@ -280,8 +282,9 @@ def main(argv=None) -> int:
             notes.append(f"{r['model']}: Torch-Pruning failed: {t['error']}")
         if "forward_error" in t:
             notes.append(f"{r['model']}: Torch-Pruning's pruned model does not run: {t['forward_error']}")
-        for e in t.get("prune_errors", [])[:3]:
-            notes.append(f"{r['model']}: Torch-Pruning group error: {e}")
+        errs = t.get("prune_errors", [])
+        for e in sorted(set(errs)):
+            notes.append(f"{r['model']}: Torch-Pruning group error (x{errs.count(e)}): {e}")
         if not (r["original_untouched_after_srfx"] and r["original_untouched_after_tp"]):
             notes.append(f"{r['model']}: THE ORIGINAL MODEL CHANGED (srfx ok: {r['original_untouched_after_srfx']}, TP ok: {r['original_untouched_after_tp']})")
         for b, lat in r.get("latency", {}).items():
@@ -289,17 +292,19 @@ def main(argv=None) -> int:
                 r["model"], b.replace("batch", ""),
                 f"{lat['original']['median_s'] * 1e3:.1f}", f"{lat['srfx']['median_s'] * 1e3:.1f}",
                 C.fmt(lat["speedup_original_over_srfx"], ".2f"),
+                f"{lat['original']['best_s'] * 1e3:.1f}", f"{lat['srfx']['best_s'] * 1e3:.1f}",
+                C.fmt(lat["speedup_original_over_srfx_best"], ".2f"),
             ])
 
     print()
     print(f"Dead-channel removal, kill rate {args.kill_rate}, seed {args.seed}, {torch.get_num_threads()} threads "
           f"(params in millions; error = max relative logit error vs the original on a fresh input)")
-    print(tabulate(size_rows, headers=["model", "params", "srfx s", "srfx params", "srfx err", "TP s", "TP params", "TP err", "TP groups pruned/rejected", "TP s / srfx s"], disable_numparse=True))
+    print(tabulate(size_rows, headers=["model", "params", "srfx s", "srfx params", "srfx err", "TP s", "TP params", "TP err", "TP groups pruned/rejected/failed", "TP s / srfx s"], disable_numparse=True))
     if lat_rows:
         print()
-        print(f"Inference latency, median of {args.repeats} run(s) after 1 warm-up (ms), original vs srfx output")
-        print(tabulate(lat_rows, headers=["model", "batch", "original ms", "srfx ms", "speedup"], disable_numparse=True))
-    print(f"load average at start/end: {load0} / {C.loadavg()}")
+        print(f"Inference latency, {args.repeats} interleaved run(s) after 1 warm-up (ms), original vs srfx output; speedup = original / srfx")
+        print(tabulate(lat_rows, headers=["model", "batch", "orig med ms", "srfx med ms", "speedup (med)", "orig best ms", "srfx best ms", "speedup (best)"], disable_numparse=True))
+    print(f"load average at start/end: {load0} / {C.loadavg()} (on a shared machine medians swing by several x; 'best' is the steadier figure)")
     for n in notes:
         print("note:", n)
     print(f"wrote {path.relative_to(path.parent.parent.parent)}")

@@ -134,6 +134,20 @@ def _close(coupling: Coupling, need: np.ndarray) -> np.ndarray:
             return need
 
 
+def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_atoms: int) -> np.ndarray:
+    kept = np.ones(n_atoms, dtype=bool)
+    while True:
+        need = base.copy()
+        for r in readers:
+            rows = kept[r.out_atoms]
+            read = r.weight[rows].any(0)
+            need[r.in_atoms[read & ~r.foldable]] = True
+        need = _close(coupling, need)
+        if np.array_equal(need, kept):
+            return kept
+        kept = need
+
+
 def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> Plan:
     constants = constants or constant_channels(coupling)
     n_atoms = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0
@@ -145,17 +159,18 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
     for did, _ in coupling.needs:
         base[coupling.atoms(coupling.dims[did])] = True
     readers = _readers(coupling, constants)
-    kept = np.ones(n_atoms, dtype=bool)
+    params = constants._params
+    conv_dims = [
+        coupling.atoms(d) for d in coupling.dims
+        if isinstance(d.ref.value, ParamKey) and params[d.ref.value.qualname].dim() >= 3 and d.size
+    ]
     while True:
-        need = base.copy()
-        for r in readers:
-            rows = kept[r.out_atoms]
-            read = r.weight[rows].any(0)
-            need[r.in_atoms[read & ~r.foldable]] = True
-        need = _close(coupling, need)
-        if np.array_equal(need, kept):
+        kept = _fixpoint(coupling, readers, base, n_atoms)
+        # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger)
+        empty = [atoms[0] for atoms in conv_dims if not kept[atoms].any()]
+        if not empty:
             break
-        kept = need
+        base[empty] = True
     folds, folded_atoms = [], np.zeros(n_atoms, dtype=bool)
     for r in readers:
         rows = kept[r.out_atoms]
@@ -180,9 +195,12 @@ def _gathers(coupling: Coupling, readers: list[_Reader], kept: np.ndarray):
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     tied = {c for n, c in coupling.aliases.items() if n != c}
+    inputs = {n.name for n in coupling.graph_module.graph.nodes if n.op == "placeholder"}
     for r in readers:
         group = coupling.group_of(r.role.ref)
-        if group.fixed is None or r.role.fold == "zero_only" or calls.get(r.role.owner) != 1 or r.role.weight in tied:
+        # only model inputs: their width is the user's contract, so a gather is the only way in
+        from_input = any(getattr(coupling.dims[d].ref.value, "node", None) in inputs for d in group.dims)
+        if group.fixed is None or not from_input or r.role.fold == "zero_only" or calls.get(r.role.owner) != 1 or r.role.weight in tied:
             continue
         read = r.weight[kept[r.out_atoms]].any(0)
         if not read.all() and read.any():

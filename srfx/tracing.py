@@ -61,8 +61,21 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
 
 
-def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer) -> fx.GraphModule:
-    graph = tracer.trace(model)
+def _defaults_not_given(model: torch.nn.Module, n_given: int) -> dict:
+    """forward's optional arguments the example input does not give, fixed at their defaults
+    (timm's ``mask=None``): tracing them symbolically would take the wrong branch."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    params = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: p.default for p in params[n_given:] if p.default is not p.empty}
+
+
+def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer, n_inputs: int) -> fx.GraphModule:
+    graph = tracer.trace(model, concrete_args=_defaults_not_given(model, n_inputs) or None)
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -94,7 +107,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     for front_end, make_tracer in attempts:
         work = copy.deepcopy(model).eval()
         try:
-            gm = _symbolic_trace(work, make_tracer())
+            gm = _symbolic_trace(work, make_tracer(), len(inputs))
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
             failures.append(f"{front_end}: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
             continue
@@ -151,10 +164,11 @@ class _FactRecorder(fx.Interpreter):
 
 
 def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    if n_placeholders != len(inputs):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = sum(1 for n in placeholders if not n.args)  # args holds a default value
+    if not required <= len(inputs) <= len(placeholders):
         raise InputError(
-            f"the model's forward takes {n_placeholders} tensor argument(s) after tracing, "
+            f"the model's forward takes {required} to {len(placeholders)} argument(s) after tracing, "
             f"but example_input has {len(inputs)}."
         )
     try:

@@ -1,3 +1,12 @@
+"""Shared test configuration: ``tests/`` on sys.path, and hypothesis profiles.
+
+Select with ``HYPOTHESIS_PROFILE=ci|dev|soak`` (default ``ci``):
+
+* ``ci``   -- derandomized (same examples every run), 30 examples per property, no deadline
+* ``dev``  -- 100 random examples per property (no deadline: one compress takes tens to
+              hundreds of milliseconds, over hypothesis' 200 ms default on a loaded machine)
+* ``soak`` -- 10000 random examples per property, for long bug hunts
+"""
 import os
 import sys
 

@@ -198,7 +198,8 @@ class CatSplit(nn.Module):
             bns.append(("stem_bn", self.sizes[0]))
         if self.mode == "cat_split":
             cut = self.sizes[0]
-            weights.append(("conv_a", cut, 0) if cut < self.a else ("conv_b", cut - self.a, 0))
+            weights.append(("conv_a", cut, 0) if cut < self.a else ("conv_b", cut - self.a, 0))  # q's first
+            weights.append(("conv_p", 0, self.a) if self.a < cut else ("conv_q", 0, self.a - cut))  # conv_b's first
         if self.mode in ("cat", "cat_split") or self.merge == "cat":
             weights.append(("tail", 0, self.a))
             bns.append(("bn", self.a))

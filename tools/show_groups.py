@@ -22,10 +22,12 @@ This tool imports srfx; srfx never imports it.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import json
 import os
+import re
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
@@ -41,7 +43,7 @@ from srfx.facts import ValueKey
 
 __all__ = [
     "load_model", "parse_shape", "analyze", "visible_groups", "group_rows", "groups_json",
-    "summary", "render_table", "atom_order", "format_slices", "group_detail", "render_detail", "main",
+    "needed", "summary", "render_table", "atom_order", "format_slices", "group_detail", "render_detail", "main",
 ]
 
 HEADERS = ["id", "channels", "writers", "readers", "per-channel ops", "shrinkable"]
@@ -51,9 +53,9 @@ REASON_WIDTH = 60
 
 # --- loading -------------------------------------------------------------------------------
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
+    """``"1,3,224,224"`` (or ``"1x3x224x224"``) -> ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in re.split(r"[,x]", text.strip()))
     except ValueError:
         raise ValueError(f"input shape {text!r} is not a comma-separated list of integers") from None
     if not shape or any(s <= 0 for s in shape):
@@ -92,7 +94,8 @@ def _single_input_forward(model: nn.Module, n_inputs: int) -> nn.Module:
     (timm's ``VisionTransformer.forward(x, attn_mask=None, is_causal=False)``), and srfx
     then refuses an example input that does not fill them all. Giving the instance a
     subclass whose ``forward`` has only the first ``n_inputs`` parameters (the rest keep
-    their defaults) changes nothing else: module and parameter names stay the same.
+    their defaults) changes nothing else: module and parameter names stay the same. The
+    caller's instance is left alone (a shallow copy gets the new class).
     """
     cls = type(model)
     try:
@@ -107,6 +110,7 @@ def _single_input_forward(model: nn.Module, n_inputs: int) -> nn.Module:
     names = ", ".join(p.name for p in params[:n_inputs])
     namespace: dict = {"_base": cls}
     exec(f"def forward(self, {names}):\n    return _base.forward(self, {names})\n", namespace)  # noqa: S102
+    model = copy.copy(model)
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return model
 
@@ -129,18 +133,27 @@ def _abbrev(names: Sequence[str], keep: int = KEEP) -> list[str]:
     return list(names[:keep]) + [f"… {len(names) - keep} more"]
 
 
-def _shrinkable(group: Group) -> str:
+def needed(coupling: Coupling, group: Group) -> tuple[str, ...]:
+    """Why channels of ``group`` must all be kept though it is not fixed (model output,
+    reductions over channels): ``coupling.needs`` of its dims."""
+    members = set(group.dims)
+    return tuple(dict.fromkeys(reason for did, reason in coupling.needs if did in members))
+
+
+def _first(label: str, reasons: Sequence[str]) -> str:
+    more = f" (… {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+    return f"\n{label}: {reasons[0]}{more}" if reasons else ""
+
+
+def _shrinkable(coupling: Coupling, group: Group) -> str:
     text = "yes" if group.fixed is None else f"no: {group.fixed}"
-    if group.mixed:
-        more = f" (… {len(group.mixed) - 1} more)" if len(group.mixed) > 1 else ""
-        text += f"\nmixed: {group.mixed[0]}{more}"
-    return text
+    return text + _first("mixed", group.mixed) + _first("kept", needed(coupling, group))
 
 
 def group_rows(coupling: Coupling, show_all: bool = False) -> list[list]:
     """One table row per group, columns as in ``HEADERS``; long name lists abbreviated."""
     return [
-        [g.id, g.channels, "\n".join(_abbrev(g.writers)), "\n".join(_abbrev(g.readers)), "\n".join(_abbrev(g.ops)), _shrinkable(g)]
+        [g.id, g.channels, "\n".join(_abbrev(g.writers)), "\n".join(_abbrev(g.readers)), "\n".join(_abbrev(g.ops)), _shrinkable(coupling, g)]
         for g in visible_groups(coupling, show_all)
     ]
 
@@ -157,6 +170,7 @@ def groups_json(coupling: Coupling, show_all: bool = False) -> list[dict]:
             "prunable": g.prunable,
             "reason": g.fixed,
             "mixed": list(g.mixed),
+            "needed": list(needed(coupling, g)),
         }
         for g in visible_groups(coupling, show_all)
     ]
@@ -170,7 +184,7 @@ def summary(coupling: Coupling, show_all: bool = False) -> str:
     text += "; barriers: " + (", ".join(_abbrev(barriers, 5)) if barriers else "none")
     hidden = len(coupling.groups) - len(groups)
     if hidden:
-        text += f"; {hidden} groups without writers or readers not shown (--all)"
+        text += f"; {hidden} group{'s' if hidden > 1 else ''} without writers or readers not shown (--all)"
     return text
 
 
@@ -217,7 +231,7 @@ def format_slices(ids: Iterable[int]) -> str:
 def group_detail(coupling: Coupling, group: Group) -> str:
     """Which channels (numbered as in :func:`atom_order`) each role of ``group`` covers."""
     order, ref = atom_order(coupling, group)
-    head = f"group {group.id}: {group.channels} channels, shrinkable: {_shrinkable(group).replace(chr(10), '; ')}"
+    head = f"group {group.id}: {group.channels} channels, shrinkable: {_shrinkable(coupling, group).replace(chr(10), '; ')}"
     lines = [head, f"  order: along {ref.ref} ({ref.size} channels)"]
     members = set(group.dims)
     rows, seen = [], set()

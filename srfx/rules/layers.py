@@ -86,6 +86,9 @@ class WeightedLayer(ChannelRule):
             why = f"{node.name}: weight computed in forward" if spec.weight is None else f"{node.name}: channels span its input axis"
             return Effects(outputs=tuple(outs), links=tuple(links), fixed=tuple((r, why) for r in env.dims(x) if r not in passthrough) + ((env.dim_at(x, (ch_in,)), why),))
         x_in, out = env.dim_at(x, (ch_in,)), env.out((ch_in,))
+        # a functional layer's get_attr weight/bias dims are tied to the parameter dims linked below
+        weight_args = [a for a in env.tensor_args()[1:] if env.param_name(a) is not None]
+        meta = {"untouched": tuple(r for a in weight_args for r in env.dims(a))}
         w_in, w_out = (0, 1) if spec.kind == "conv_transpose" else (1, 0)
         param = env.param_ref
         outs.append(out)
@@ -99,16 +102,16 @@ class WeightedLayer(ChannelRule):
                 Role("writer", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in),
             ]
             links += [Link(x_in, param(spec.weight, w_in))] + out_links
-            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles))
+            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta=meta)
         if depthwise:
             c_out = env.out_shape[1]
             mult = c_out // spec.groups
             idx = np.arange(c_out)
             links += [Link(out, x_in, (idx, idx // mult))] + out_links
             roles = [Role("op", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in)]
-            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult})
+            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult, **meta})
         why = f"{node.name}: grouped conv (groups={spec.groups}); removing a channel would unbalance its groups"
-        return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)))
+        return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta)
 
     def constants(self, node, env, known):
         spec = weight_spec(node, env)

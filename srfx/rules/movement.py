@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..env import tensor_leaves
-from ..facts import Effects, Link, Ref, ValueKey
+from ..facts import Effects, Link, Ref, Role, ValueKey
 from ..registry import ChannelRule, register_instance
 from ..tracing import facts_of
 from .common import call_with
@@ -140,7 +140,19 @@ class Movement(ChannelRule):
             sizes = {r: int(np.prod([shape[a] for a in r.axes])) for k, shape, _ in spans for r in all_in if r.value == k}
             fixed.extend(self._check_index_op(node, coverage, sizes))
         meta = {"kind": self.kind, "opaque": frozenset(opaque)}
-        return Effects(outputs=tuple(dict.fromkeys(out_refs)), links=tuple(links), fixed=tuple(fixed), meta=meta)
+        roles = ()
+        if node.target in (torch.cat, torch.concat, torch.stack):  # a parameter concatenated in writes channels
+            from .pointwise import _parameter_behind
+
+            roles = tuple(
+                Role("writer", r, owner, node.name)
+                for a in inputs
+                for owner in [_parameter_behind(a, env)]
+                if owner is not None
+                for r in env.dims(a)
+                if any(l.b == r for l in links)
+            )
+        return Effects(outputs=tuple(dict.fromkeys(out_refs)), links=tuple(links), fixed=tuple(fixed), roles=roles, meta=meta)
 
     def constants(self, node, env, known):
         """Moved data keeps its values: an output channel is constant iff every position

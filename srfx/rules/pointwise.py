@@ -23,6 +23,20 @@ __all__ = ["Pointwise", "pointwise_effects"]
 _ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
 
 
+def _parameter_behind(value, env):
+    """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
+    from ..registry import lookup
+    from .movement import Movement
+
+    while value is not None and hasattr(value, "op"):
+        if env.param_name(value) is not None:
+            return env.param_name(value)
+        if not isinstance(lookup(value, env.modules), Movement) or not value.args:
+            return None
+        value = value.args[0] if hasattr(value.args[0], "op") else None
+    return None
+
+
 def pointwise_effects(node, env, additive: bool) -> Effects:
     out_shape = env.out_shape
     n = len(out_shape)
@@ -38,8 +52,9 @@ def pointwise_effects(node, env, additive: bool) -> Effects:
             axes = tuple(x + off for x in ref.axes)
             out = outs.setdefault(axes, env.out(axes))
             links.append(Link(ref, out))
-            if env.param_name(a) is not None:
-                roles.append(Role("writer" if additive else "op", ref, env.param_name(a), node.name))
+            owner = _parameter_behind(a, env)
+            if owner is not None:
+                roles.append(Role("writer" if additive else "op", ref, owner, node.name))
     taken = [a for axes in outs for a in axes]
     if len(taken) != len(set(taken)):
         reason = f"{node.name}: operands split channels over different axes"
