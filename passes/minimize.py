@@ -49,7 +49,8 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
         w = _get(gm, role.weight).detach().double()
         out_axis = 1 - role.in_axis
         w = w.movedim((out_axis, role.in_axis), (0, 1))
-        w_sum = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)[:, torch.as_tensor(fold.index)]
+        kernel = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
+        w_sum = w.reshape(w.shape[0], w.shape[1], kernel).sum(-1)[:, torch.as_tensor(fold.index)]
         delta = (w_sum * torch.as_tensor(fold.values, dtype=torch.float64)[None, :]).sum(1)
         if not torch.isfinite(delta).all():
             raise RewriteError(f"folding constants into {role.owner} gave non-finite values")

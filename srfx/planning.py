@@ -102,7 +102,8 @@ def _readers(coupling: Coupling, constants: Constants) -> list[_Reader]:
         in_dim = coupling.dim(role.ref)
         w = constants.param(role.weight).detach()
         out_axis = 1 - role.in_axis
-        nz = (w != 0).movedim((out_axis, role.in_axis), (0, 1)).reshape(w.shape[out_axis], w.shape[role.in_axis], -1).any(-1)
+        kernel = int(np.prod(w.shape)) // max(1, w.shape[out_axis] * w.shape[role.in_axis]) if w.numel() else 1
+        nz = (w != 0).movedim((out_axis, role.in_axis), (0, 1)).reshape(w.shape[out_axis], w.shape[role.in_axis], kernel).any(-1)
         c = constants.of(in_dim.id)
         foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
         out_dim = coupling.dim(Ref(ParamKey(role.weight), (out_axis,)))

@@ -14,6 +14,10 @@ shrink to few killed rows / columns):
 Everything not killed is nonzero random: biases, BN beta and running_mean in particular, so
 dead channels carry nonzero constants that readers must fold into their biases.
 
+Every family strategy takes ``kill`` (False: no masks) and ``spare``: with ``spare=True``
+the :func:`lifelines` entries stay nonzero, so every layer output keeps a live channel;
+with ``spare=False`` whole layers and branches may die.
+
 A drawn value is a :class:`Case`: the model (float32, eval mode) plus the input shape.
 ``case.at(torch.float64)`` gives a float64 copy for the tight checks.
 """
@@ -283,7 +287,8 @@ class Case:
         return copy.deepcopy(self.model).to(dtype).eval()
 
     def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
-        killed = {k: v for k, v in self.masks.items() if any(v.values())}
+        killed = {k: {f: x for f, x in v.items() if f != "spare" and x} for k, v in self.masks.items()}
+        killed = {k: v for k, v in killed.items() if v}
         return f"Case({self.family}, input={self.input_shape}, masks={killed},\nmodel={self.model})"
 
 
@@ -358,17 +363,18 @@ def apply_masks(model: nn.Module, masks: dict, seed: int) -> None:
 
 
 @st.composite
-def random_masks(draw, model: nn.Module, kill: bool = True, spare: bool = True) -> dict:
+def random_masks(draw, model: nn.Module, kill: bool = True, spare: bool = True, keep_whole=frozenset()) -> dict:
     """Per weighted layer / BatchNorm: which rows, columns, weights, biases, gammas die.
 
     ``kill=False``: nothing dies. ``spare=True``: the :func:`lifelines` entries survive, so
-    no channel group dies whole; ``spare=False``: anything may die."""
+    no channel group dies whole; ``spare=False``: anything may die. Modules named in
+    ``keep_whole`` get no mask."""
     masks = {}
     keep_w, keep_bn = lifelines(model) if spare else (set(), set())
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             n_out, n_in = m.weight.shape[:2]
-            if not kill:
+            if not kill or name in keep_whole:
                 masks[name] = {"rows": [], "cols": [], "density": 0.0, "zero_bias": False}
                 continue
             spared = sorted((r, c) for (l, r, c) in keep_w if l == name)
@@ -383,14 +389,14 @@ def random_masks(draw, model: nn.Module, kill: bool = True, spare: bool = True) 
             }
         elif isinstance(m, nn.BatchNorm2d):
             idx = [i for i in range(m.num_features) if (name, i) not in keep_bn]
-            masks[name] = {"bn_zero": sorted(draw(st.sets(st.sampled_from(idx), max_size=len(idx)))) if kill and idx else []}
+            masks[name] = {"bn_zero": sorted(draw(st.sets(st.sampled_from(idx), max_size=len(idx)))) if kill and idx and name not in keep_whole else []}
     return masks
 
 
-def _finish(draw, model: nn.Module, input_shape, family: str, kill: bool = True, spare: bool = True) -> Case:
+def _finish(draw, model: nn.Module, input_shape, family: str, kill: bool = True, spare: bool = True, keep_whole=frozenset()) -> Case:
     seed = draw(st.integers(0, 2**31 - 1))
     randomize(model, seed)
-    masks = draw(random_masks(model, kill, spare))
+    masks = draw(random_masks(model, kill, spare, keep_whole))
     apply_masks(model, masks, seed)
     return Case(model.float().eval(), tuple(input_shape), family, masks)
 
@@ -496,7 +502,9 @@ def se_nets(draw, kill: bool = True, spare: bool = True) -> Case:
 
 
 @st.composite
-def grouped_nets(draw, kill: bool = True, spare: bool = True, kind=None) -> Case:
+def grouped_nets(draw, kill: bool = True, spare: bool = True, kind=None, dense_stem: bool = False) -> Case:
+    """``dense_stem``: the stem and its BatchNorm are not masked, so no channel the grouped
+    conv reads is a constant."""
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(3, 6))
     kind = kind or draw(st.sampled_from(["depthwise", "grouped"]))
@@ -509,7 +517,8 @@ def grouped_nets(draw, kill: bool = True, spare: bool = True, kind=None) -> Case
         in_ch, ch, kind, groups, draw(st.integers(1, 2)), draw(st.sampled_from([1, 3])),
         draw(st.sampled_from([0, 1])), draw(st.integers(1, 6)), draw(st.integers(1, 4)),
     )
-    return _finish(draw, model, (_BATCH, in_ch, size, size), kind, kill, spare)
+    keep = frozenset({"stem", "stem_bn"}) if dense_stem else frozenset()
+    return _finish(draw, model, (_BATCH, in_ch, size, size), kind, kill, spare, keep)
 
 
 FAMILIES = {

@@ -75,6 +75,8 @@ def per_channel_constant(out: torch.Tensor, axes: tuple[int, ...]) -> np.ndarray
     out = out.detach().double()
     moved = out.permute(*axes, *[i for i in range(out.dim()) if i not in axes])
     n = int(np.prod([out.shape[a] for a in axes])) if axes else 1
+    if out.numel() == 0:
+        return np.full(n, np.nan)
     flat = moved.reshape(n, -1)
     first = flat[:, 0].clone()
     first[(flat != flat[:, :1]).any(dim=1)] = float("nan")

@@ -115,7 +115,7 @@ class WeightedLayer(ChannelRule):
 
     def constants(self, node, env, known):
         spec = weight_spec(node, env)
-        if spec.weight is None or not (spec.groups == 1 or spec.kind == "conv"):
+        if spec.weight is None or (spec.groups > 1 and spec.kind != "conv"):
             return {}
         x = env.tensor_args()[0]
         ch_in = len(env.shape(x)) - 1 if spec.kind == "linear" else 1
@@ -130,17 +130,16 @@ class WeightedLayer(ChannelRule):
             c = torch.where(c == 0, c, torch.full_like(c, float("nan")))  # only zeros survive
         elif spec.zero_padded:
             c = torch.where(c == 0, c, torch.full_like(c, float("nan")))
-        w_sum = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
-        if spec.groups > 1:  # depthwise: output o reads input o // mult
-            mult = w.shape[0] // spec.groups
-            c_o = c[torch.arange(w.shape[0]) // mult]
-            zero = (w.reshape(w.shape[0], -1) == 0).all(1)
-            vals = torch.where(zero, b, b + w_sum[:, 0] * c_o)
-            return {out: vals.numpy()}
-        nz = (w.reshape(w.shape[0], w.shape[1], -1) != 0).any(-1)  # out x in
-        unknown = torch.isnan(c)
-        blocked = (nz & unknown[None, :]).any(1)
-        vals = b + (w_sum * torch.nan_to_num(c)[None, :]).sum(1)
+        kernel = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
+        w3 = w.reshape(w.shape[0], w.shape[1], kernel)
+        w_sum, nz = w3.sum(-1), (w3 != 0).any(-1)  # (out, in per group)
+        groups = spec.groups if spec.kind == "conv" else 1
+        per_out = max(1, w.shape[0] // groups)
+        # output o of group g = o // per_out reads inputs g * in_per_group + j
+        idx = (torch.arange(w.shape[0])[:, None] // per_out) * w.shape[1] + torch.arange(w.shape[1])[None, :]
+        c_in = c[idx] if len(c) else torch.zeros(idx.shape, dtype=torch.float64)
+        blocked = (nz & torch.isnan(c_in)).any(1)
+        vals = b + (w_sum * torch.nan_to_num(c_in)).sum(1)
         vals[blocked] = float("nan")
         return {out: vals.numpy()}
 

@@ -90,7 +90,20 @@ class BatchNormRule(ChannelRule):
             y = call_with(node, env, lambda a: args[a] if a in args else (env.param_value(a).double() if a.op == "get_attr" else env.concrete(a)))
         vals = per_channel_constant(y, (1,))
         vals[np.isnan(c)] = np.nan
+        # a zero scale makes the output its shift whatever comes in (gamma = 0 frees a channel)
+        weight, bias = self._affine(node, env)
+        if weight is not None:
+            w = weight.detach().double().numpy()
+            shift = bias.detach().double().numpy() if bias is not None else np.zeros_like(w)
+            vals = np.where(w == 0, shift, vals)
         return {out: vals}
+
+    def _affine(self, node, env):
+        if node.op == "call_module":
+            m = env.module()
+            return m.weight, m.bias
+        w, b = env.arg(3, "weight"), env.arg(4, "bias")
+        return (env.param_value(w) if w is not None else None, env.param_value(b) if b is not None else None)
 
 
 class LayerNormRule(ChannelRule):
