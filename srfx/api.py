@@ -1,6 +1,6 @@
 """The public entry points; the only place that orders the stages.
 
-trace -> analyze (coupling groups) -> plan -> rewrite (minimize) -> verify -> report
+trace -> fold BatchNorm -> analyze (coupling groups) -> plan -> rewrite (minimize) -> verify -> report
 """
 from __future__ import annotations
 
@@ -47,13 +47,15 @@ def compress(
     sparsity: Optional[float] = None,
     verify: bool = True,
     random_inputs: int = 2,
+    fold_batchnorm: bool = True,
 ) -> fx.GraphModule:
     """A smaller dense ``GraphModule`` computing what ``model`` computes (eval semantics).
 
     The mask is what the model carries: exact zeros in its weights, or masks left by
     ``torch.nn.utils.prune`` / ``torch.nn.utils.parametrize``. ``sparsity`` first applies
     global magnitude masking. The result is verified against the model on the example and
-    ``random_inputs`` fresh inputs (``verify=False`` skips that). ``model`` is never modified.
+    ``random_inputs`` fresh inputs (``verify=False`` skips that). ``fold_batchnorm`` folds
+    eval-mode BatchNorm into the conv before it. ``model`` is never modified.
     The report is at ``result.meta["srfx_report"]``.
     """
 
@@ -69,12 +71,16 @@ def compress(
         reference, _ = _mask(reference, sparsity)
     _check_finite(reference)
     traced: Traced = trace(reference, example_input)
-    coupling = coupling_groups(traced.graph_module)
-    removal = plan_removal(coupling)
+    from srfx.passes import fold_batchnorm as fold_bn
     from srfx.passes import minimize
 
-    result = minimize(traced.graph_module, removal).graph_module
-    if result is traced.graph_module:
+    graph = traced.graph_module
+    if fold_batchnorm:  # first, so a zero BatchNorm scale shows up as zero conv rows to the plan
+        graph = fold_bn(graph).graph_module
+    coupling = coupling_groups(graph)
+    removal = plan_removal(coupling)
+    result = minimize(graph, removal).graph_module
+    if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
     with torch.no_grad():
         _FactRecorder(result).run(*traced.example_inputs)

@@ -38,7 +38,7 @@ def assert_close(expected: torch.Tensor, actual: torch.Tensor) -> None:
 
 def kill_channels(model: nn.Module, rate: float = 0.3, seed: int = 0, columns: bool = True) -> nn.Module:
     """Zero whole output rows (and some input columns) of Linear/Conv weights; give every
-    BatchNorm nonzero random statistics and shifts so dead channels carry constants."""
+    BatchNorm nonzero random statistics, scales and shifts so dead channels carry constants."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -55,6 +55,8 @@ def kill_channels(model: nn.Module, rate: float = 0.3, seed: int = 0, columns: b
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+                if m.weight is not None:  # timm's zero_init_last would otherwise silence whole branches
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
     return model
 
 

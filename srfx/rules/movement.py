@@ -31,8 +31,8 @@ def _varying_axes(ch: np.ndarray) -> list[int]:
     for a in range(ch.ndim):
         if ch.shape[a] < 2:
             continue
-        x0 = np.take(ch, range(ch.shape[a] - 1), axis=a)
-        x1 = np.take(ch, range(1, ch.shape[a]), axis=a)
+        x0 = ch[(slice(None),) * a + (slice(0, -1),)]  # views, not copies
+        x1 = ch[(slice(None),) * a + (slice(1, None),)]
         if np.any((x0 >= 0) & (x1 >= 0) & (x0 != x1)):
             axes.append(a)
     return axes
