@@ -1,0 +1,217 @@
+"""One test (or a few) per channel rule: what it couples, reads, writes, mixes or keeps."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import srfx
+from srfx.facts import ParamKey, Ref, ValueKey
+from srfx.registry import lookup
+
+
+class Wrap(nn.Module):
+    """A model from a forward function and named submodules/parameters."""
+
+    def __init__(self, fn, **parts):
+        super().__init__()
+        for name, part in parts.items():
+            setattr(self, name, part)
+        self._fn = fn
+
+    def forward(self, x):
+        return self._fn(self, x)
+
+
+def group_of(coupling, owner, kind):
+    for g in coupling.groups:
+        if owner in getattr(g, kind):
+            return g
+    raise AssertionError(f"no group with {kind} {owner}")
+
+
+def value_dims(coupling, node_name):
+    return [d for d in coupling.dims if d.ref.value == ValueKey(node_name)]
+
+
+# --- layers -------------------------------------------------------------------------------------
+def test_linear_is_a_boundary_reader_of_input_writer_of_output():
+    m = Wrap(lambda s, x: s.b(F.relu(s.a(x))), a=nn.Linear(4, 6), b=nn.Linear(6, 3))
+    c = srfx.analyze(m, torch.randn(2, 4))
+    hidden = group_of(c, "a", "writers")
+    assert hidden.readers == ("b",) and hidden.channels == 6
+    assert group_of(c, "b", "writers").id != hidden.id
+
+
+def test_depthwise_conv_is_a_per_channel_op_and_grouped_conv_keeps_its_channels():
+    m = Wrap(lambda s, x: s.g(s.dw(s.pw(x))), pw=nn.Conv2d(3, 8, 1), dw=nn.Conv2d(8, 8, 3, padding=1, groups=8), g=nn.Conv2d(8, 4, 1, groups=2))
+    c = srfx.analyze(m, torch.randn(1, 3, 5, 5))
+    g = group_of(c, "pw", "writers")
+    assert "dw" in g.ops and g.channels == 8
+    assert g.fixed is not None and "grouped conv" in g.fixed
+
+
+def test_depthwise_multiplier_couples_each_input_with_its_outputs():
+    m = Wrap(lambda s, x: s.out(s.dw(s.pw(x))), pw=nn.Conv2d(3, 4, 1), dw=nn.Conv2d(4, 8, 3, padding=1, groups=4), out=nn.Conv2d(8, 2, 1))
+    c = srfx.analyze(m, torch.randn(1, 3, 5, 5))
+    assert group_of(c, "pw", "writers").channels == 4  # 8 outputs, 2 per input channel: 4 atoms
+
+
+def test_conv_transpose_reads_axis_0_of_its_weight():
+    m = Wrap(lambda s, x: s.out(s.up(s.a(x))), a=nn.Conv2d(3, 5, 1), up=nn.ConvTranspose2d(5, 4, 2, stride=2), out=nn.Conv2d(4, 2, 1))
+    c = srfx.analyze(m, torch.randn(1, 3, 4, 4))
+    assert "up" in group_of(c, "a", "writers").readers
+    assert group_of(c, "up", "writers").channels == 4
+
+
+def test_embedding_writes_its_columns():
+    m = Wrap(lambda s, x: s.fc(s.emb(x)), emb=nn.Embedding(10, 6), fc=nn.Linear(6, 2))
+    c = srfx.analyze(m, torch.randint(0, 10, (2, 3)))
+    assert group_of(c, "emb", "writers").readers == ("fc",)
+
+
+# --- elementwise ------------------------------------------------------------------------------
+def test_residual_add_joins_both_operands():
+    m = Wrap(lambda s, x: s.out(s.a(x) + s.b(x)), a=nn.Linear(4, 6), b=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    c = srfx.analyze(m, torch.randn(2, 4))
+    assert set(group_of(c, "a", "writers").writers) == {"a", "b"}
+
+
+def test_layer_scale_parameter_is_an_op_and_added_parameter_a_writer():
+    m = Wrap(lambda s, x: s.out(s.a(x) * s.gamma + s.shift), a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    m.gamma = nn.Parameter(torch.ones(6))
+    m.shift = nn.Parameter(torch.zeros(6))
+    g = group_of(srfx.analyze(m, torch.randn(2, 4)), "a", "writers")
+    assert "gamma" in g.ops and "shift" in g.writers
+
+
+def test_untracked_operand_fixes_the_group():
+    m = Wrap(lambda s, x: s.out(s.a(x) + x[:, :1].expand(-1, 6)), a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    g = group_of(srfx.analyze(m, torch.randn(2, 4)), "a", "writers")
+    assert g.fixed is not None
+
+
+# --- norms ----------------------------------------------------------------------------------------
+def test_batchnorm_is_a_per_channel_op_and_zero_scale_is_constant():
+    m = Wrap(lambda s, x: s.out(F.relu(s.bn(s.a(x)))), a=nn.Conv2d(3, 4, 1, bias=False), bn=nn.BatchNorm2d(4), out=nn.Conv2d(4, 2, 1))
+    m.eval()
+    with torch.no_grad():
+        m.bn.weight[1] = 0
+    c = srfx.analyze(m, torch.randn(1, 3, 4, 4))
+    assert "bn" in group_of(c, "a", "writers").ops
+    p = srfx.plan_removal(c)
+    assert any(g.constant == 1 for g in p.groups)
+
+
+def test_layernorm_mixes_all_channels_and_groupnorm_each_group():
+    ln = Wrap(lambda s, x: s.out(s.ln(s.a(x))), a=nn.Linear(4, 6), ln=nn.LayerNorm(6), out=nn.Linear(6, 2))
+    c = srfx.analyze(ln, torch.randn(2, 4))
+    (mix,) = c.mixes
+    assert np.all(mix.labels == 0) and len(mix.labels) == 6
+    gn = Wrap(lambda s, x: s.out(s.gn(s.a(x))), a=nn.Conv2d(3, 6, 1), gn=nn.GroupNorm(3, 6), out=nn.Conv2d(6, 2, 1))
+    c = srfx.analyze(gn, torch.randn(1, 3, 4, 4))
+    (mix,) = c.mixes
+    assert mix.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_groupnorm_removes_whole_groups_only():
+    gn = Wrap(lambda s, x: s.out(s.gn(s.a(x))), a=nn.Conv2d(3, 6, 1), gn=nn.GroupNorm(3, 6), out=nn.Conv2d(6, 2, 1)).eval()
+    with torch.no_grad():
+        gn.out.weight[:, 2:4] = 0  # group 1 unread
+        gn.out.weight[:, 4] = 0  # half of group 2: must stay
+    small = srfx.compress(gn, torch.randn(1, 3, 4, 4))
+    assert small.gn.num_groups == 2 and small.a.out_channels == 4
+
+
+# --- data movement --------------------------------------------------------------------------------
+def test_flatten_maps_a_channel_to_its_features():
+    m = Wrap(lambda s, x: s.fc(torch.flatten(s.conv(x), 1)), conv=nn.Conv2d(3, 4, 1), fc=nn.Linear(4 * 9, 2)).eval()
+    with torch.no_grad():
+        m.fc.weight[:, 9:18] = 0  # every feature of channel 1
+        m.fc.weight[:, 18] = 0  # one feature of channel 2: channel 2 stays
+    small = srfx.compress(m, torch.randn(1, 3, 3, 3))
+    assert small.conv.out_channels == 3 and small.fc.in_features == 27
+
+
+def test_cat_offsets_and_split_sizes_follow_removed_channels():
+    def fwd(s, x):
+        y = torch.cat([s.a(x), s.b(x)], dim=1)
+        p, q = torch.split(y, [3, 5], dim=1)
+        return s.c(p) + s.d(q)
+
+    m = Wrap(fwd, a=nn.Conv2d(2, 4, 1), b=nn.Conv2d(2, 4, 1), c=nn.Conv2d(3, 2, 1), d=nn.Conv2d(5, 2, 1)).eval()
+    with torch.no_grad():
+        m.c.weight[:, 1] = 0  # a's channel 1
+        m.d.weight[:, 2] = 0  # cat channel 5 = b's channel 1
+    small = srfx.compress(m, torch.randn(1, 2, 3, 3))
+    assert small.a.out_channels == 3 and small.b.out_channels == 3
+
+
+def test_heads_reshape_is_a_two_axis_dim():
+    def fwd(s, x):
+        b, n, c = x.shape
+        h = s.a(x).reshape(b, n, 2, 3)
+        return s.out((h * 2).reshape(b, n, 6))
+
+    m = Wrap(fwd, a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    c = srfx.analyze(m, torch.randn(2, 5, 4))
+    assert any(d.ref.axes == (2, 3) and d.sizes == (2, 3) for d in c.dims)
+
+
+def test_partial_channel_slice_is_kept():
+    m = Wrap(lambda s, x: s.out(s.a(x)[:, :3]), a=nn.Linear(4, 6), out=nn.Linear(3, 2))
+    g = group_of(srfx.analyze(m, torch.randn(2, 4)), "a", "writers")
+    assert g.fixed is not None and "indexes channels" in g.fixed
+
+
+# --- reductions, softmax, matmul -----------------------------------------------------------------
+def test_spatial_mean_passes_channels_and_channel_mean_reads_them_all():
+    m = Wrap(lambda s, x: s.out(s.a(x).mean((2, 3))) + s.a(x).mean(1).flatten(1).sum(1, keepdim=True), a=nn.Conv2d(3, 4, 1), out=nn.Linear(4, 1))
+    c = srfx.analyze(m, torch.randn(1, 3, 2, 2))
+    g = group_of(c, "a", "writers")
+    assert g.readers == ("out",)
+    assert any(c.group_of_dim[d] == g.id for d, _ in c.needs)
+
+
+def test_softmax_over_channels_mixes_them():
+    m = Wrap(lambda s, x: s.out(s.a(x).softmax(-1)), a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    c = srfx.analyze(m, torch.randn(2, 4))
+    assert any("softmax" in r for r in group_of(c, "a", "writers").mixed)
+
+
+def test_matmul_contraction_reads_every_channel():
+    m = Wrap(lambda s, x: s.a(x) @ s.b(x).transpose(0, 1), a=nn.Linear(4, 6), b=nn.Linear(4, 6))
+    c = srfx.analyze(m, torch.randn(3, 4))
+    g = group_of(c, "a", "writers")
+    assert any(c.group_of_dim[d] == g.id and "contracted" in why for d, why in c.needs)
+
+
+# --- shape queries ---------------------------------------------------------------------------------
+def test_channel_count_in_arithmetic_is_kept_but_in_a_view_is_fine():
+    arith = Wrap(lambda s, x: s.out(s.a(x) / s.a(x).shape[1]), a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    assert group_of(srfx.analyze(arith, torch.randn(2, 4)), "a", "writers").fixed is not None
+    view = Wrap(lambda s, x: s.out(s.a(x).view(x.shape[0], s.a(x).shape[1])), a=nn.Linear(4, 6), out=nn.Linear(6, 2))
+    assert group_of(srfx.analyze(view, torch.randn(2, 4)), "a", "writers").fixed is None
+
+
+# --- constants --------------------------------------------------------------------------------------
+def test_zero_padded_conv_folds_only_zero_constants():
+    def build(padding):
+        m = Wrap(lambda s, x: s.c(F.relu(s.a(x))), a=nn.Conv2d(2, 3, 1), c=nn.Conv2d(3, 2, 3, padding=padding)).eval()
+        with torch.no_grad():
+            m.a.weight[1] = 0
+            m.a.bias[1] = 0.5  # relu(0.5): a nonzero constant
+        return m
+
+    x = torch.randn(1, 2, 5, 5)
+    assert srfx.compress(build(1), x).a.out_channels == 3  # borders would see the constant
+    assert srfx.compress(build(0), x).a.out_channels == 2  # no padding: folds into c's bias
+
+
+def test_every_registered_key_resolves_to_a_rule():
+    import torch.fx as fx
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    modules = dict(gm.named_modules())
+    rules = {n.name: lookup(n, modules) for n in gm.graph.nodes}
+    assert all(r is not None for r in rules.values())
