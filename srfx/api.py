@@ -16,7 +16,7 @@ from .coupling import Coupling, coupling_groups
 from .errors import InputError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
-from .tracing import Traced, _FactRecorder, trace
+from .tracing import Traced, _FactRecorder, bake_masks, preserved_buffers, private_copy, trace
 from .verify import verify as _verify
 
 __all__ = ["analyze", "plan", "compress", "REPORT_KEY"]
@@ -28,6 +28,31 @@ def _check_finite(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"{name} holds NaN or Inf values: srfx cannot prove anything about them; fix the weights first.")
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_dtypes(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() or t.is_complex():
+            if t.dtype not in _DTYPES:
+                raise InputError(f"{name} is {t.dtype}: srfx handles float16, bfloat16, float32 and float64 models")
+
+
+def _check_outputs(model: nn.Module, inputs: tuple) -> None:
+    """Outputs must be tensors or (nested) tuples/lists/dicts of tensors: anything else
+    cannot be compared, so nothing could be verified."""
+    from torch.utils import _pytree as pytree
+
+    with torch.no_grad(), preserved_buffers(model):
+        out = model(*inputs)
+    bad = [type(x).__name__ for x in pytree.tree_leaves(out) if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise InputError(
+            f"{type(model).__name__} returns a {bad[0]} among its outputs: srfx needs tensors or nested "
+            "tuples/lists/dicts of tensors; wrap the model so forward returns only tensors."
+        )
 
 
 def analyze(model: nn.Module, example_input: Any) -> Coupling:
@@ -64,13 +89,15 @@ def compress(
     notes = []
     if model.training:
         notes.append("the model is in train mode: srfx compresses its eval-mode function (BatchNorm running statistics, no dropout)")
-    reference = copy.deepcopy(model).eval()
+    reference = bake_masks(private_copy(model).eval())
     if sparsity is not None:
         from srfx.passes import mask as _mask
 
         reference, _ = _mask(reference, sparsity)
     _check_finite(reference)
+    _check_dtypes(reference)
     traced: Traced = trace(reference, example_input)
+    _check_outputs(reference, traced.example_inputs)
     from srfx.passes import fold_batchnorm as fold_bn
     from srfx.passes import minimize
 
@@ -82,9 +109,10 @@ def compress(
     result = minimize(graph, removal).graph_module
     if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
-    with torch.no_grad():
+    with torch.no_grad(), preserved_buffers(result):
         _FactRecorder(result).run(*traced.example_inputs)
-    err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
+    with preserved_buffers(reference, result):
+        err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
     result.meta[REPORT_KEY] = Report(
         params_before=count_parameters(reference),
         params_after=count_parameters(result),

@@ -67,7 +67,7 @@ def constant_channels(coupling: Coupling) -> Constants:
         rule = lookup(node, modules)
         if rule is None:
             continue
-        env = NodeEnv(gm, node, lambda key: [d.ref for d in coupling.dims_of_value(key)], modules)
+        env = NodeEnv(gm, node, lambda key: [d.ref for d in coupling.dims_of_value(key)], modules, coupling.mutated)
         for ref, vals in rule.constants(node, env, known).items():
             did = coupling.index.get(ref)
             if did is not None and len(vals) == coupling.dims[did].size:

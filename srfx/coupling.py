@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401  (registers the rule table)
-from .env import NodeEnv, tensor_leaves
+from .env import NodeEnv, mutated_attributes, tensor_leaves
 from .facts import Effects, Link, Mix, ParamKey, Ref, Role, ValueKey
 from .registry import describe_op, lookup
 from .tracing import facts_of
@@ -74,6 +74,7 @@ class Coupling:
     barriers: dict  # node name -> reason (ops no rule knows, rules that gave up)
     by_value: dict  # ValueKey -> [dim id]
     aliases: dict  # parameter qualname -> canonical qualname (tied tensors)
+    mutated: frozenset  # get_attr targets forward writes in place
 
     def dim(self, ref: Ref) -> Dim:
         if isinstance(ref.value, ParamKey) and ref not in self.index:
@@ -159,6 +160,7 @@ class _Builder:
     # --- build --------------------------------------------------------------------------
     def run(self) -> Coupling:
         self._nodes = {n.name: n for n in self.gm.graph.nodes}
+        self.mutated = mutated_attributes(self.gm)
         for node in self.gm.graph.nodes:
             self._visit(node)
         return self._finish()
@@ -166,7 +168,7 @@ class _Builder:
     def _visit(self, node: fx.Node) -> None:
         if facts_of(node) is None:  # never executed (dead code) or non-tensor literal
             return
-        env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules)
+        env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules, self.mutated)
         rule = lookup(node, self.modules)
         inputs = [r for a in tensor_leaves((node.args, node.kwargs), elements=True) for r in env.all_dims(a)]
         if rule is not None and not facts_of(node).shapes and rule.name not in ("shape_query", "movement", "output"):
@@ -256,6 +258,7 @@ class _Builder:
             barriers=dict(self.barriers),
             by_value={k: [self.index[r] for r in refs] for k, refs in self.by_value.items()},
             aliases=dict(self.canonical),
+            mutated=self.mutated,
         )
 
     def _group(self, gid, comp, atom_of_slot, group_of_dim) -> Group:

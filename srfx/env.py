@@ -9,7 +9,28 @@ import torch.fx as fx
 from .facts import ParamKey, Ref, ValueKey
 from .tracing import facts_of
 
-__all__ = ["NodeEnv", "tensor_leaves"]
+__all__ = ["NodeEnv", "tensor_leaves", "mutated_attributes"]
+
+
+_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv"}
+
+
+def mutated_attributes(gm: fx.GraphModule) -> frozenset:
+    """Targets of get_attr tensors that forward writes in place (running statistics,
+    counters): state, not constants."""
+    out = set()
+    for node in gm.graph.nodes:
+        inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")) or (
+            node.op == "call_function" and getattr(node.target, "__name__", "") in _INPLACE_FUNCTIONS
+        ) or node.kwargs.get("inplace") is True
+        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        while source.op != "get_attr" and source.op in ("call_method", "call_function") and source.args and isinstance(source.args[0], fx.Node):
+            source = source.args[0]  # through views and chained in-place calls
+        if source.op == "get_attr":
+            out.add(source.target)
+    return frozenset(out)
 
 
 def tensor_leaves(args: Any, elements: bool = False) -> Iterator[fx.Node]:
@@ -35,7 +56,8 @@ def tensor_leaves(args: Any, elements: bool = False) -> Iterator[fx.Node]:
 class NodeEnv:
     """Queries a rule may make: shapes, existing channel dims of inputs, modules, parameters."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, dims_of_value, modules: dict):
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, dims_of_value, modules: dict, mutated=frozenset()):
+        self.mutated = mutated  # parameter/buffer names written in place during forward
         self.gm = gm
         self.node = node
         self._dims_of_value = dims_of_value

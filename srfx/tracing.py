@@ -6,6 +6,7 @@ also break when traced twice).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import traceback
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch.fx as fx
 
 from .errors import InputError, TraceError
 
-__all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of"]
+__all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "preserved_buffers"]
 
 META_KEY = "srfx"
 
@@ -80,6 +81,49 @@ def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer, n_inputs: int) ->
     return fx.GraphModule(tracer.root, graph, name)
 
 
+def private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy srfx may change freely. Tensors a pruning hook computed (``weight`` =
+    ``weight_orig * weight_mask``, non-leaf, which deepcopy refuses) are copied detached;
+    the hook recomputes them anyway."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def preserved_buffers(*modules: torch.nn.Module):
+    """Run code that calls forward without letting buffers written in forward (running
+    statistics, counters) drift: srfx's own runs must leave no trace in any model."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if b.shape == value.shape:
+                    b.copy_(value)
+
+
+def bake_masks(model: torch.nn.Module) -> torch.nn.Module:
+    """Make pruning masks part of the weights (in place, on srfx's own copy): the mask is
+    what the model carries, whether exact zeros, ``torch.nn.utils.prune``'s
+    ``weight_orig``/``weight_mask`` or a ``torch.nn.utils.parametrize`` parametrization (as
+    torch.ao.pruning's sparsifiers leave them)."""
+    from torch.nn.utils import parametrize, prune
+
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
 def _where_it_failed(exc: BaseException) -> str:
     """The innermost user-code frame of a tracing failure, for the error message."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
@@ -105,7 +149,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     if leaf_modules or leaf_functions:
         attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
     for front_end, make_tracer in attempts:
-        work = copy.deepcopy(model).eval()
+        work = bake_masks(private_copy(model).eval())
         try:
             gm = _symbolic_trace(work, make_tracer(), len(inputs))
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
@@ -172,7 +216,7 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> N
             f"but example_input has {len(inputs)}."
         )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_buffers(gm):
             _FactRecorder(gm).run(*inputs)
     except Exception as exc:
         raise InputError(

@@ -27,6 +27,9 @@ class Parameter(ChannelRule):
 
     def effects(self, node, env):
         shape = env.out_shape if env.out_facts.is_tensor else ()
+        if node.target in env.mutated:  # state written in forward: neither sliced nor constant
+            why = f"{node.target} is written in place during forward"
+            return Effects(outputs=tuple(env.out((a,)) for a, n in enumerate(shape) if n > 1), fixed=tuple((env.out((a,)), why) for a, n in enumerate(shape) if n > 1))
         outs, links = [], []
         for axis, size in enumerate(shape):
             if size > 1:
@@ -36,6 +39,8 @@ class Parameter(ChannelRule):
         return Effects(outputs=tuple(outs), links=tuple(links))
 
     def constants(self, node, env, known):
+        if node.target in env.mutated:
+            return {}
         value = env.param_value(node).detach().double()
         result = {}
         for axis, size in enumerate(value.shape):

@@ -1,0 +1,176 @@
+"""Issue 7: bad input gets a typed error that says what to do; unknown structure stays exact;
+nothing of the user's is touched; dtypes and memory formats."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize, prune
+
+import srfx
+from architectures import ResidualCNN
+from helpers import assert_untouched, kill_channels, report, snapshot
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on tensor values: not traceable
+            return self.a(x)
+        return x
+
+
+def test_untraceable_model_raises_trace_error_naming_the_line():
+    with pytest.raises(srfx.TraceError) as err:
+        srfx.compress(DataDependent(), torch.randn(2, 4))
+    assert "test_reliability.py" in str(err.value) and "x.sum() > 0" in str(err.value)
+    assert "register_notrace_module" in str(err.value)  # says what to try
+
+
+@pytest.mark.parametrize("bad", [torch.randn(2, 5), torch.randint(0, 3, (2, 4))], ids=["shape", "dtype"])
+def test_example_input_of_wrong_shape_or_dtype(bad):
+    with pytest.raises(srfx.InputError, match="example input"):
+        srfx.compress(nn.Linear(4, 3), bad)
+
+
+def test_example_input_not_a_tensor():
+    with pytest.raises(srfx.InputError, match="not a torch.Tensor"):
+        srfx.compress(nn.Linear(4, 3), [[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_wrong_number_of_inputs():
+    with pytest.raises(srfx.InputError, match="argument"):
+        srfx.compress(nn.Linear(4, 3), (torch.randn(2, 4), torch.randn(2, 4)))
+
+
+def test_nan_weights_are_named():
+    m = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+    with pytest.raises(srfx.InputError, match=r"0\.weight holds NaN"):
+        srfx.compress(m, torch.randn(2, 4))
+
+
+def test_not_a_module():
+    with pytest.raises(srfx.InputError, match="nn.Module"):
+        srfx.compress(lambda x: x, torch.randn(2, 4))
+
+
+class ReturnsFloat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.a(x), 3.0
+
+
+def test_outputs_that_are_not_tensors():
+    with pytest.raises(srfx.InputError, match="returns a float"):
+        srfx.compress(ReturnsFloat(), torch.randn(2, 4))
+
+
+def test_unsupported_dtype():
+    m = nn.Linear(4, 2).to(torch.complex64)
+    with pytest.raises(srfx.InputError, match="complex64"):
+        srfx.compress(m, torch.randn(2, 4, dtype=torch.complex64))
+
+
+def test_errors_share_a_base_class():
+    for cls in (srfx.TraceError, srfx.InputError, srfx.VerificationError, srfx.RewriteError):
+        assert issubclass(cls, srfx.SrfxError)
+
+
+def test_verification_error_carries_the_measurement(monkeypatch):
+    from srfx import verify as verify_module
+
+    m = kill_channels(ResidualCNN(), seed=0).eval()
+    wrong = lambda *a: m(*a) + 1.0  # noqa: E731  a candidate that is off by one everywhere
+    with pytest.raises(srfx.VerificationError) as err:
+        verify_module.verify(m, wrong, (torch.randn(1, 3, 8, 8),))
+    assert err.value.max_abs_error == pytest.approx(1.0, rel=1e-5)
+
+
+# --- conservative structure -------------------------------------------------------------------
+class BufferWrittenInForward(nn.Module):
+    """A running statistic updated in place on every call, then read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+        self.register_buffer("ema", torch.zeros(6))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.ema.add_(h.mean(0))
+        return self.b(h + self.ema)
+
+
+def test_buffer_written_in_forward_is_exact_and_its_state_does_not_drift():
+    m = BufferWrittenInForward().eval()
+    with torch.no_grad():
+        m.a.weight[1] = 0
+        m.b.weight[:, 2] = 0
+    before = snapshot(m)
+    small = srfx.compress(m, torch.randn(3, 4))
+    assert_untouched(m, before)
+    assert small.a.out_features == 6  # the stream mixes with a buffer written in place: kept
+    x = torch.randn(3, 4)
+    with torch.no_grad():  # srfx's own runs left the state where the user's model has it
+        assert torch.allclose(m(x), small(x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m(x), small(x), rtol=1e-5, atol=1e-6)
+
+
+# --- nothing of the user's is touched -----------------------------------------------------------
+def test_train_mode_hooks_and_flags_survive_with_a_warning():
+    m = kill_channels(ResidualCNN(), seed=2).train()
+    calls = []
+    m.fc.register_forward_hook(lambda *a: calls.append(1))
+    before = snapshot(m)
+    with pytest.warns(UserWarning, match="train mode"):
+        srfx.compress(m, torch.randn(2, 3, 8, 8))
+    assert_untouched(m, before)
+    assert m.training
+
+
+def test_prune_masks_are_honoured_and_left_in_place():
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    prune.ln_structured(m[2], "weight", amount=0.5, n=1, dim=1)  # half the hidden units unread
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    small = srfx.compress(m, torch.randn(4, 6))
+    assert getattr(small, "0").out_features == 4
+    assert hasattr(m[2], "weight_orig") and hasattr(m[2], "weight_mask")
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_parametrized_masks_from_torch_ao_sparsifier():
+    from torch.ao.pruning import WeightNormSparsifier
+
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(8, 1), zeros_per_block=8)
+    sparsifier.prepare(m, [{"tensor_fqn": "2.weight"}])
+    sparsifier.step()
+    assert parametrize.is_parametrized(m[2])
+    small = srfx.compress(m, torch.randn(4, 8))
+    assert getattr(small, "0").out_features < 8
+    assert parametrize.is_parametrized(m[2])  # the user's model keeps its parametrization
+
+
+# --- dtypes and memory formats -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    m = kill_channels(ResidualCNN(), seed=3).eval().to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    small = srfx.compress(m, x)  # verified with srfx.verify.TOLERANCES[dtype]
+    assert report(small).stored_after < report(small).stored_before
+    assert small(x).dtype == dtype
+
+
+def test_channels_last_input():
+    m = kill_channels(ResidualCNN(), seed=4).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    small = srfx.compress(m, x)
+    assert report(small).stored_after < report(small).stored_before
