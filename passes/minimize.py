@@ -46,6 +46,8 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
     """Readers absorb removed constant channels into their bias: b += sum_j W[:, j] c_j."""
     for fold in plan.folds:
         role = fold.role
+        if not np.any(fold.values):  # zero constants add nothing (and grouped readers fold only those)
+            continue
         w = _get(gm, role.weight).detach().double()
         out_axis = 1 - role.in_axis
         w = w.movedim((out_axis, role.in_axis), (0, 1))

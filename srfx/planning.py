@@ -104,6 +104,13 @@ def _readers(coupling: Coupling, constants: Constants) -> list[_Reader]:
         out_axis = 1 - role.in_axis
         kernel = int(np.prod(w.shape)) // max(1, w.shape[out_axis] * w.shape[role.in_axis]) if w.numel() else 1
         nz = (w != 0).movedim((out_axis, role.in_axis), (0, 1)).reshape(w.shape[out_axis], w.shape[role.in_axis], kernel).any(-1)
+        if nz.shape[1] != in_dim.size:  # grouped conv: output rows of group g read inputs of group g
+            groups = in_dim.size // nz.shape[1]
+            per_out = nz.shape[0] // groups
+            full = torch.zeros(nz.shape[0], in_dim.size, dtype=torch.bool)
+            for g in range(groups):
+                full[g * per_out : (g + 1) * per_out, g * nz.shape[1] : (g + 1) * nz.shape[1]] = nz[g * per_out : (g + 1) * per_out]
+            nz = full
         c = constants.of(in_dim.id)
         foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
         out_dim = coupling.dim(Ref(ParamKey(role.weight), (out_axis,)))

@@ -43,12 +43,24 @@ def test_linear_is_a_boundary_reader_of_input_writer_of_output():
     assert group_of(c, "b", "writers").id != hidden.id
 
 
-def test_depthwise_conv_is_a_per_channel_op_and_grouped_conv_keeps_its_channels():
+def test_depthwise_conv_is_a_per_channel_op_and_grouped_conv_reads_columns_across_groups():
     m = Wrap(lambda s, x: s.g(s.dw(s.pw(x))), pw=nn.Conv2d(3, 8, 1), dw=nn.Conv2d(8, 8, 3, padding=1, groups=8), g=nn.Conv2d(8, 4, 1, groups=2))
     c = srfx.analyze(m, torch.randn(1, 3, 5, 5))
     g = group_of(c, "pw", "writers")
-    assert "dw" in g.ops and g.channels == 8
-    assert g.fixed is not None and "grouped conv" in g.fixed
+    assert "dw" in g.ops and "g" in g.readers
+    assert g.channels == 4  # input j of each of the 2 groups is one weight column: 8 channels, 4 atoms
+    assert any("grouped conv" in r for r in group_of(c, "g", "writers").mixed)
+
+
+def test_grouped_conv_loses_the_same_channels_in_every_group():
+    m = Wrap(lambda s, x: s.out(F.relu(s.g(s.a(x)))), a=nn.Conv2d(3, 8, 1), g=nn.Conv2d(8, 6, 3, padding=1, groups=2), out=nn.Conv2d(6, 2, 1)).eval()
+    with torch.no_grad():
+        m.g.weight[:, 1] = 0  # input 1 of each group: channels 1 and 5 of a
+        m.g.weight[:, 2, 0, 0] = 0  # only part of input 2: stays
+        m.out.weight[:, [0, 3]] = 0  # output 0 of both groups (3 per group)
+        m.out.weight[:, 4] = 0  # output 1 of group 1 only: stays
+    small = srfx.compress(m, torch.randn(1, 3, 5, 5))
+    assert (small.a.out_channels, small.g.in_channels, small.g.out_channels, small.g.groups) == (6, 6, 4, 2)
 
 
 def test_depthwise_multiplier_couples_each_input_with_its_outputs():

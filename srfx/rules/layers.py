@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..facts import Effects, Link, Role
+from ..facts import Effects, Link, Mix, Role
 from ..registry import ChannelRule, register_instance
 
 __all__ = ["WeightSpec", "weight_spec"]
@@ -110,8 +110,22 @@ class WeightedLayer(ChannelRule):
             links += [Link(out, x_in, (idx, idx // mult))] + out_links
             roles = [Role("op", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in)]
             return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult, **meta})
-        why = f"{node.name}: grouped conv (groups={spec.groups}); removing a channel would unbalance its groups"
-        return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta)
+        if spec.kind != "conv":
+            why = f"{node.name}: grouped transposed conv (groups={spec.groups}); kept"
+            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta)
+        # grouped conv: every group must keep as many channels as the others. Input j of each
+        # group is one weight column, so inputs go as a column across all groups; outputs go
+        # as the same index in every group (a mix).
+        c_in, c_out = env.shape(x)[1], env.out_shape[1]
+        in_per_group, out_per_group = c_in // spec.groups, c_out // spec.groups
+        idx = np.arange(c_in)
+        links += [Link(x_in, param(spec.weight, w_in), (idx, idx % in_per_group))] + out_links
+        mix = Mix(out, np.arange(c_out) % out_per_group, f"{node.name}: grouped conv (groups={spec.groups}) removes the same channels in every group")
+        roles = [
+            Role("reader", x_in, _owner(node, spec), node.name, "zero_only", spec.weight, spec.bias, w_in),
+            Role("writer", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in),
+        ]
+        return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), mixes=(mix,), meta={"groups": spec.groups, **meta})
 
     def constants(self, node, env, known):
         spec = weight_spec(node, env)
