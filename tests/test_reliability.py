@@ -174,3 +174,8 @@ def test_channels_last_input():
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     small = srfx.compress(m, x)
     assert report(small).stored_after < report(small).stored_before
+
+
+def test_example_input_on_another_device():
+    with pytest.raises(srfx.InputError, match="device"):
+        srfx.compress(nn.Linear(4, 3), torch.randn(2, 4, device="meta"))
