@@ -11,6 +11,7 @@ BatchNorm's tensors are used nowhere else; the input module is not modified.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Optional
 
 import torch
@@ -22,11 +23,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 __all__ = ["fold_batchnorm"]
 
 
-def _target(gm: fx.GraphModule, qualname: str):
-    obj = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _target(root: nn.Module, qualname: str):
+    return operator.attrgetter(qualname)(root)
 
 
 def _bn_tensors(gm, node) -> Optional[dict]:

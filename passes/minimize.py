@@ -9,6 +9,7 @@ floating-point rounding, in eval semantics; the input GraphModule is not modifie
 from __future__ import annotations
 
 import copy
+import operator
 from collections import defaultdict
 
 import numpy as np
@@ -27,10 +28,7 @@ __all__ = ["minimize"]
 
 
 def _get(root: nn.Module, qualname: str):
-    obj = root
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(qualname)(root)
 
 
 def _set(root: nn.Module, qualname: str, value) -> None:
