@@ -43,6 +43,8 @@ def kill_channels(model: nn.Module, rate: float = 0.3, seed: int = 0, columns: b
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                if not m.weight.any():  # zero-initialized heads (timm) would hide every error
+                    m.weight.normal_(0, m.weight.shape[1] ** -0.5, generator=g)
                 rows = torch.rand(m.weight.shape[0], generator=g) < rate
                 m.weight[rows] = 0
                 if columns and m.weight.shape[1] > 1:
@@ -57,6 +59,9 @@ def kill_channels(model: nn.Module, rate: float = 0.3, seed: int = 0, columns: b
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
                 if m.weight is not None:  # timm's zero_init_last would otherwise silence whole branches
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):  # layer scale starts near 1e-6 in timm: residual branches would vanish
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
 
 

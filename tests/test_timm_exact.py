@@ -9,6 +9,8 @@ import srfx
 from helpers import kill_channels, report
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121", "regnety_008"]
+# beyond issue 3: LayerNorm streams, attention, token mixing, grouped convs
+MODELS += ["resnext50_32x4d", "convnext_atto", "vit_tiny_patch16_224", "mixer_s16_224"]
 
 
 @pytest.mark.parametrize("name", MODELS)
