@@ -129,3 +129,36 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}"
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def kill_channels(model: torch.nn.Module, rate: float = 0.3, seed: int = 0, columns: bool = True) -> torch.nn.Module:
+    """Random dead channels, the same logic as ``tests/helpers.py::kill_channels`` (copied so
+    the benchmarks do not import from tests/): zero whole output rows (and some input
+    columns) of Linear/Conv weights; give every BatchNorm nonzero random statistics, scales
+    and shifts so dead channels carry constants; un-zero timm's zero-initialized heads and
+    layer-scale gammas (they would hide every error). In place; returns ``model``."""
+    nn = torch.nn
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                if not m.weight.any():
+                    m.weight.normal_(0, m.weight.shape[1] ** -0.5, generator=g)
+                rows = torch.rand(m.weight.shape[0], generator=g) < rate
+                m.weight[rows] = 0
+                if columns and m.weight.shape[1] > 1:
+                    cols = torch.rand(m.weight.shape[1], generator=g) < rate / 2
+                    m.weight[:, cols] = 0
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model

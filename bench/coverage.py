@@ -1,0 +1,237 @@
+"""Coverage: does srfx.compress stay exact, and does it shrink anything, across timm's zoo?
+
+For each timm model (``pretrained=False``, eval mode, input ``(1, *pretrained_cfg.input_size)``)
+kill random channels with ``_common.kill_channels`` (the logic of ``tests/helpers.py``: zero
+rows/columns of every Linear/Conv weight, nonzero random BatchNorm statistics and scales,
+un-zeroed zero-init heads and layer-scale gammas), then record:
+
+* the front end that traced it (``srfx.trace(model, x).front_end``);
+* coupling groups, shrinkable groups (no ``fixed`` reason), groups that shrank, and the
+  channels removed (sum over ``report.groups`` of ``channels - kept``);
+* exactness: ``max|a - b| / max|a|`` of ``compress``'s output against the original on a
+  fresh input (not one srfx verified on), threshold ``--threshold`` (1e-5);
+* parameters and stored tensors (params + float buffers) before/after, compress time.
+
+``srfx.VerificationError`` is a wrong result caught by srfx itself: the script then reruns
+``compress(verify=False)`` to measure the error and sizes of the wrong module. Other
+``srfx.SrfxError`` subclasses are typed refusals; any other exception is a bug in srfx and
+its type, message and innermost frames are recorded. For models that do not shrink, or fail,
+the most frequent group ``fixed`` reasons and barriers (from ``srfx.analyze``) are recorded.
+
+Prints a table and a summary line, writes bench/results/coverage.json (``--out``).
+
+    python bench/coverage.py [--tier A|B|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import re
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+from tabulate import tabulate
+
+import _common as C
+
+TIER_A = [
+    "resnet18", "resnet50", "resnext50_32x4d", "regnety_002", "mobilenetv2_050", "mobilenetv3_large_100",
+    "efficientnet_b0", "densenet121", "inception_v3", "convnext_atto", "vit_tiny_patch16_224", "mixer_s16_224",
+]
+TIER_B = [
+    "ecaresnet26t", "resnetv2_50x1_bit", "nf_regnet_b0", "res2net50_26w_4s", "resnest14d", "skresnet18", "dpn48b",
+    "hrnet_w18_small", "cspresnet50", "cs3darknet_focus_s", "rexnet_100", "ghostnet_050", "mixnet_s", "fasternet_t0",
+    "repvgg_a0", "mobilenetv4_hybrid_medium", "convnextv2_atto", "poolformer_s12", "caformer_s18",
+    "inception_next_atto", "mambaout_femto", "focalnet_tiny_srf", "levit_128s", "deit3_small_patch16_224",
+    "cait_xxs24_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "xcit_nano_12_p16_224",
+    "gmlp_ti16_224",
+]
+TIERS = {"A": TIER_A, "B": TIER_B, "all": TIER_A + TIER_B}
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its node name, so equal causes count together
+    ("layer1_0_add: operands ..." -> "operands ...")."""
+    head, sep, tail = reason.partition(": ")
+    kind = tail if sep and re.fullmatch(r"[\w.]+", head) else reason
+    return re.sub(r"\b\d+\b", "N", kind)[:160]
+
+
+def _top(reasons, k: int = 5) -> list:
+    counts = collections.Counter(_reason_kind(r) for r in reasons if r)
+    return [[kind, n] for kind, n in counts.most_common(k)]
+
+
+def _bug_frames(exc: BaseException, k: int = 3) -> list[str]:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return [f"{f.filename.split('/work/main/')[-1]}:{f.lineno} {f.name}: {(f.line or '').strip()}" for f in frames[-k:]]
+
+
+def _rel_err(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    e, a = expected.double(), actual.double()
+    if e.shape != a.shape:
+        return float("inf")
+    scale = e.abs().max().item()
+    err = (e - a).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def _analysis_reasons(model, x, rec) -> None:
+    """Why nothing (or too little) shrinks: group fixed reasons and barriers."""
+    import srfx
+
+    try:
+        cp = srfx.analyze(model, x)
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        rec["analysis_error"] = C.short_error(exc)
+        return
+    rec.setdefault("groups", len(cp.groups))
+    rec.setdefault("shrinkable_groups", sum(1 for g in cp.groups if g.fixed is None))
+    rec["fixed_reasons"] = _top([g.fixed for g in cp.groups if g.fixed])
+    rec["barriers"] = _top(list(cp.barriers.values()))
+    rec["n_barriers"] = len(cp.barriers)
+
+
+def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_seed: int) -> dict:
+    import timm
+
+    import srfx
+
+    rec: dict = {"model": name, "status": "ok"}
+    t0 = time.perf_counter()
+    model = timm.create_model(name, pretrained=False).eval()
+    C.kill_channels(model, rate=kill_rate, seed=seed)
+    cfg = model.pretrained_cfg or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    rec["input_size"] = list(size)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *size), generator=g)
+    fresh = torch.randn((1, *size), generator=torch.Generator().manual_seed(fresh_seed))
+    rec["build_s"] = time.perf_counter() - t0
+    try:
+        rec["front_end"] = srfx.trace(model, x).front_end
+    except srfx.SrfxError as exc:
+        rec["front_end"] = None
+        rec.update(status=type(exc).__name__, error=C.short_error(exc, 600))
+        return rec
+    except Exception as exc:  # noqa: BLE001 - a bug in srfx: record it
+        rec["front_end"] = None
+        rec.update(status="bug", error=C.short_error(exc, 600), frames=_bug_frames(exc))
+        return rec
+
+    small = None
+    try:
+        dt, small = C.timed(lambda: srfx.compress(model, x))
+        rec["compress_s"] = dt
+    except srfx.VerificationError as exc:
+        rec.update(status="VerificationError", error=C.short_error(exc, 600), srfx_rel_err=exc.max_rel_error)
+        try:  # the wrong module itself: its sizes and error on the fresh input
+            dt, small = C.timed(lambda: srfx.compress(model, x, verify=False))
+            rec["compress_s"] = dt
+        except Exception as exc2:  # noqa: BLE001
+            rec["rerun_error"] = C.short_error(exc2)
+    except srfx.SrfxError as exc:
+        rec.update(status=type(exc).__name__, error=C.short_error(exc, 600))
+    except Exception as exc:  # noqa: BLE001 - a bug in srfx: record it
+        rec.update(status="bug", error=C.short_error(exc, 600), frames=_bug_frames(exc))
+
+    if small is not None:
+        r = small.meta[srfx.REPORT_KEY]
+        rec.update(
+            groups=len(r.groups),
+            shrinkable_groups=sum(1 for gp in r.groups if gp.fixed is None),
+            shrunk_groups=sum(1 for gp in r.groups if gp.kept < gp.channels),
+            channels=sum(gp.channels for gp in r.groups),
+            channels_removed=sum(gp.channels - gp.kept for gp in r.groups),
+            params_before=r.params_before, params_after=r.params_after,
+            stored_before=r.stored_before, stored_after=r.stored_after,
+            params_ratio=r.params_before / max(1, r.params_after),
+            stored_ratio=r.ratio,
+        )
+        if r.max_rel_error is not None:
+            rec["srfx_rel_err"] = r.max_rel_error
+        try:
+            with torch.no_grad():
+                rec["rel_err"] = _rel_err(model(fresh), small(fresh))
+            rec["exact"] = rec["rel_err"] <= threshold
+            if rec["status"] == "ok" and not rec["exact"]:
+                rec["status"] = "mismatch"  # srfx's own verification passed, the fresh input did not
+        except Exception as exc:  # noqa: BLE001 - running the result failed: a bug
+            rec.update(status="bug", error=C.short_error(exc, 600), frames=_bug_frames(exc))
+    if rec["status"] != "ok" or rec.get("params_ratio", 1.0) <= 1.0 or rec.get("shrunk_groups", 0) == 0:
+        _analysis_reasons(model, x, rec)
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=None, help="timm model names (default: the --tier lists)")
+    ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B or all (default all)")
+    ap.add_argument("--kill-rate", type=float, default=0.3, help="share of rows zeroed per Linear/Conv (default 0.3)")
+    ap.add_argument("--seed", type=int, default=0, help="kill_channels and example-input seed (default 0)")
+    ap.add_argument("--threshold", type=float, default=1e-5, help="relative error counted as exact (default 1e-5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--out", default="coverage.json", help="file name under bench/results/ (default coverage.json)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    models = args.models or TIERS[args.tier]
+    tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B}
+    load_start, t_start = C.loadavg(), time.perf_counter()
+    records = []
+    for name in models:
+        t0 = time.perf_counter()
+        try:
+            rec = run_model(name, args.kill_rate, args.seed, args.threshold, fresh_seed=args.seed + 1000)
+        except Exception as exc:  # noqa: BLE001 - model construction etc.: not srfx's fault
+            rec = {"model": name, "status": "setup_error", "error": C.short_error(exc, 600)}
+        rec["tier"] = tier_of.get(name, "-")
+        rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        print(
+            f"[{len(records)}/{len(models)}] {name}: {rec['status']} rel_err={C.fmt(rec.get('rel_err'), '.1e')} "
+            f"params x{C.fmt(rec.get('params_ratio'), '.2f')} compress {C.fmt(rec.get('compress_s'), '.1f')}s "
+            f"(wall {rec['wall_s']:.1f}s)" + (f"  {rec['error'][:200]}" if rec.get("error") else ""),
+            file=sys.stderr, flush=True,
+        )
+        gc.collect()
+
+    rows = []
+    for r in records:
+        exact = "-" if r.get("exact") is None else ("yes" if r["exact"] else "NO")
+        rows.append((
+            r["model"], r.get("front_end") or "-", exact, C.fmt(r.get("rel_err"), ".1e"),
+            f"{r.get('shrunk_groups', '-')}/{r.get('shrinkable_groups', '-')}/{r.get('groups', '-')}",
+            r.get("channels_removed", "-"), C.fmt(r.get("params_ratio"), ".2f"), C.fmt(r.get("stored_ratio"), ".2f"),
+            C.fmt(r.get("compress_s"), ".1f"), "" if r["status"] == "ok" else (r["status"] + ": " + r.get("error", "")[:70]),
+        ))
+    print(tabulate(rows, headers=["model", "front end", "exact", "rel err", "groups shrunk/shrinkable/all",
+                                  "ch removed", "params x", "stored x", "compress s", "error"]))
+    n_exact = sum(1 for r in records if r.get("exact"))
+    counts = collections.Counter(r["status"] for r in records)
+    no_shrink = [r["model"] for r in records if r.get("exact") and r.get("params_ratio", 0) <= 1.0]
+    summary = (f"exact {n_exact}/{len(records)}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+               + f"; exact but no shrink {len(no_shrink)}" + (f" ({', '.join(no_shrink)})" if no_shrink else ""))
+    print(summary)
+    path = C.write_json(args.out, {
+        "benchmark": "coverage",
+        "kill_rate": args.kill_rate,
+        "seed": args.seed,
+        "threshold": args.threshold,
+        "environment": C.environment(),
+        "wall_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start,
+        "loadavg_end": C.loadavg(),
+        "summary": summary,
+        "models": records,
+    })
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

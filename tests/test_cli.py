@@ -1,0 +1,95 @@
+"""The ``srfx`` command and what it writes: torch.export programs, ONNX run in onnxruntime,
+torch.save; checkpoints loaded with weights_only=True and clear errors for bad files."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from srfx.cli import main
+from helpers import assert_close, kill_channels
+from architectures import ResidualCNN
+
+SPEC = "tests.architectures:ResidualCNN"
+SHAPE = "2,3,8,8"
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    model = kill_channels(ResidualCNN(), rate=0.4, seed=7).eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return model, str(path)
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx", ".pt"])
+def test_compress_writes_a_model_that_matches(tmp_path, checkpoint, capsys, suffix):
+    model, ckpt = checkpoint
+    out = str(tmp_path / f"small{suffix}")
+    code, text, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--checkpoint", ckpt, "--out", out], capsys)
+    assert code == 0, err
+    assert "stored (params + float buffers)" in text and f"wrote {out}" in text
+    x = torch.randn(5, 3, 8, 8)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad():
+        expected = model(x)
+        if suffix == ".pt2":
+            actual = torch.export.load(out).module()(x)
+        elif suffix == ".pt":
+            actual = torch.load(out, weights_only=False)(x)
+        else:
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(out)
+            actual = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert_close(expected, actual)
+
+
+def test_missing_checkpoint(capsys):
+    code, _, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--checkpoint", "/no/such/file.pt"], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_garbage_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, _, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--checkpoint", str(bad)], capsys)
+    assert code == 2 and "weights_only=True" in err
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, path)
+    code, out, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--checkpoint", str(path)], capsys)
+    assert code == 2 and "this must never run" not in out
+
+
+def test_checkpoint_for_another_model(tmp_path, capsys):
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), path)
+    code, _, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--checkpoint", str(path)], capsys)
+    assert code == 2 and "does not match" in err
+
+
+def test_unknown_output_format(capsys, tmp_path):
+    code, _, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--out", str(tmp_path / "x.bin")], capsys)
+    assert code == 2 and ".pt2" in err
+
+
+def test_groups_subcommand_and_console_script():
+    proc = subprocess.run(
+        [sys.executable, "-m", "srfx", "groups", SPEC, "--input-shape", "1,3,8,8", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith("[")
