@@ -131,12 +131,21 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def kill_channels(model: torch.nn.Module, rate: float = 0.3, seed: int = 0, columns: bool = True) -> torch.nn.Module:
+def kill_channels(model: torch.nn.Module, rate: float = 0.3, seed: int = 0, columns: bool = True,
+                  wake_scales: bool = True) -> torch.nn.Module:
     """Random dead channels, the same logic as ``tests/helpers.py::kill_channels`` (copied so
     the benchmarks do not import from tests/): zero whole output rows (and some input
     columns) of Linear/Conv weights; give every BatchNorm nonzero random statistics, scales
     and shifts so dead channels carry constants; un-zero timm's zero-initialized heads and
-    layer-scale gammas (they would hide every error). In place; returns ``model``."""
+    layer-scale gammas (they would hide every error). In place; returns ``model``.
+
+    ``wake_scales`` (beyond the tests' helper, applied after it so every tensor the helper
+    sets gets the same values): other near-zero scale parameters get ``rand + 0.5`` too, i.e.
+    any parameter that is not a Linear/Conv weight, not named ``*bias``, and holds one value
+    ``|v| < 1e-3`` everywhere. The helper's ``endswith("gamma")`` misses CaiT's
+    ``gamma_1``/``gamma_2`` (1e-5), PoolFormer's ``layer_scale*.scale`` (1e-5), NF-Net's
+    zero-init ``gain`` and ConvNeXt-V2's GRN ``weight``; left alone, they silence whole
+    residual branches and the output barely depends on the input."""
     nn = torch.nn
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -161,4 +170,12 @@ def kill_channels(model: torch.nn.Module, rate: float = 0.3, seed: int = 0, colu
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        if wake_scales:
+            layer_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+            for name, p in model.named_parameters():
+                if id(p) in layer_weights or name.endswith("bias") or name.endswith("gamma") or p.numel() < 2:
+                    continue
+                first = p.flatten()[0]
+                if p.is_floating_point() and first.abs() < 1e-3 and bool((p == first).all()):
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model

@@ -9,7 +9,10 @@ un-zeroed zero-init heads and layer-scale gammas), then record:
 * coupling groups, shrinkable groups (no ``fixed`` reason), groups that shrank, and the
   channels removed (sum over ``report.groups`` of ``channels - kept``);
 * exactness: ``max|a - b| / max|a|`` of ``compress``'s output against the original on a
-  fresh input (not one srfx verified on), threshold ``--threshold`` (1e-5);
+  fresh input (not one srfx verified on), threshold ``--threshold`` (1e-5), and the
+  *sensitivity* ``max|f(x) - f(fresh)| / max|f(x)|`` of the original: where the output barely
+  depends on the input (below 100x the threshold) a wrong channel could hide, and the table
+  says ``yes (weak)``;
 * parameters and stored tensors (params + float buffers) before/after, compress time.
 
 ``srfx.VerificationError`` is a wrong result caught by srfx itself: the script then reruns
@@ -21,6 +24,7 @@ the most frequent group ``fixed`` reasons and barriers (from ``srfx.analyze``) a
 Prints a table and a summary line, writes bench/results/coverage.json (``--out``).
 
     python bench/coverage.py [--tier A|B|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
+        [--dtype float32|float64] [--threshold T] [--canonical] [--threads 1] [--out coverage.json]
 """
 from __future__ import annotations
 
@@ -96,7 +100,8 @@ def _analysis_reasons(model, x, rec) -> None:
     rec["n_barriers"] = len(cp.barriers)
 
 
-def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_seed: int) -> dict:
+def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_seed: int, wake_scales: bool = True,
+              dtype: torch.dtype = torch.float32) -> dict:
     import timm
 
     import srfx
@@ -104,14 +109,21 @@ def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_se
     rec: dict = {"model": name, "status": "ok"}
     t0 = time.perf_counter()
     model = timm.create_model(name, pretrained=False).eval()
-    C.kill_channels(model, rate=kill_rate, seed=seed)
+    C.kill_channels(model, rate=kill_rate, seed=seed, wake_scales=wake_scales)
+    model = model.to(dtype)
     cfg = model.pretrained_cfg or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     rec["input_size"] = list(size)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, *size), generator=g)
-    fresh = torch.randn((1, *size), generator=torch.Generator().manual_seed(fresh_seed))
+    x = torch.randn((1, *size), generator=g).to(dtype)
+    fresh = torch.randn((1, *size), generator=torch.Generator().manual_seed(fresh_seed)).to(dtype)
     rec["build_s"] = time.perf_counter() - t0
+    try:  # how much the output depends on the input: a check below ~100x the threshold is weak
+        with torch.no_grad():
+            rec["sensitivity"] = _rel_err(model(x), model(fresh))
+    except Exception as exc:  # noqa: BLE001
+        rec.update(status="setup_error", error=C.short_error(exc, 600))
+        return rec
     try:
         rec["front_end"] = srfx.trace(model, x).front_end
     except srfx.SrfxError as exc:
@@ -162,7 +174,7 @@ def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_se
                 rec["status"] = "mismatch"  # srfx's own verification passed, the fresh input did not
         except Exception as exc:  # noqa: BLE001 - running the result failed: a bug
             rec.update(status="bug", error=C.short_error(exc, 600), frames=_bug_frames(exc))
-    if rec["status"] != "ok" or rec.get("params_ratio", 1.0) <= 1.0 or rec.get("shrunk_groups", 0) == 0:
+    if rec["status"] != "ok" or rec.get("params_ratio", 1.0) < 1.005 or rec.get("shrunk_groups", 0) == 0:
         _analysis_reasons(model, x, rec)
     return rec
 
@@ -173,10 +185,20 @@ def main(argv=None) -> int:
     ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B or all (default all)")
     ap.add_argument("--kill-rate", type=float, default=0.3, help="share of rows zeroed per Linear/Conv (default 0.3)")
     ap.add_argument("--seed", type=int, default=0, help="kill_channels and example-input seed (default 0)")
-    ap.add_argument("--threshold", type=float, default=1e-5, help="relative error counted as exact (default 1e-5)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="model and input dtype (default float32); float64 makes the check strong where the output barely depends on the input")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="relative error counted as exact (default: srfx's rtol for the dtype, 1e-5 for float32, 1e-10 for float64)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--canonical", action="store_true",
+                    help="kill channels exactly as tests/helpers.py does (no extra waking of near-zero layer scales)")
     ap.add_argument("--out", default="coverage.json", help="file name under bench/results/ (default coverage.json)")
     args = ap.parse_args(argv)
+    from srfx.verify import TOLERANCES
+
+    dtype = getattr(torch, args.dtype)
+    if args.threshold is None:
+        args.threshold = TOLERANCES[dtype][0]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     models = args.models or TIERS[args.tier]
@@ -186,7 +208,8 @@ def main(argv=None) -> int:
     for name in models:
         t0 = time.perf_counter()
         try:
-            rec = run_model(name, args.kill_rate, args.seed, args.threshold, fresh_seed=args.seed + 1000)
+            rec = run_model(name, args.kill_rate, args.seed, args.threshold, fresh_seed=args.seed + 1000,
+                            wake_scales=not args.canonical, dtype=dtype)
         except Exception as exc:  # noqa: BLE001 - model construction etc.: not srfx's fault
             rec = {"model": name, "status": "setup_error", "error": C.short_error(exc, 600)}
         rec["tier"] = tier_of.get(name, "-")
@@ -203,23 +226,29 @@ def main(argv=None) -> int:
     rows = []
     for r in records:
         exact = "-" if r.get("exact") is None else ("yes" if r["exact"] else "NO")
+        if r.get("exact") and r.get("sensitivity", 1.0) < 100 * args.threshold:
+            exact = "yes (weak)"
         rows.append((
-            r["model"], r.get("front_end") or "-", exact, C.fmt(r.get("rel_err"), ".1e"),
+            r["model"], r.get("front_end") or "-", exact, C.fmt(r.get("rel_err"), ".1e"), C.fmt(r.get("sensitivity"), ".0e"),
             f"{r.get('shrunk_groups', '-')}/{r.get('shrinkable_groups', '-')}/{r.get('groups', '-')}",
             r.get("channels_removed", "-"), C.fmt(r.get("params_ratio"), ".2f"), C.fmt(r.get("stored_ratio"), ".2f"),
             C.fmt(r.get("compress_s"), ".1f"), "" if r["status"] == "ok" else (r["status"] + ": " + r.get("error", "")[:70]),
         ))
-    print(tabulate(rows, headers=["model", "front end", "exact", "rel err", "groups shrunk/shrinkable/all",
-                                  "ch removed", "params x", "stored x", "compress s", "error"]))
+    print(tabulate(rows, headers=["model", "front end", "exact", "rel err", "sens", "groups shrunk/shrinkable/all",
+                                  "ch removed", "params x", "stored x", "compress s", "error"], disable_numparse=True))
     n_exact = sum(1 for r in records if r.get("exact"))
     counts = collections.Counter(r["status"] for r in records)
-    no_shrink = [r["model"] for r in records if r.get("exact") and r.get("params_ratio", 0) <= 1.0]
+    no_shrink = [r["model"] for r in records if r.get("exact") and r.get("params_ratio", 0) < 1.005]
+    weak = [r["model"] for r in records if r.get("exact") and r.get("sensitivity", 1.0) < 100 * args.threshold]
     summary = (f"exact {n_exact}/{len(records)}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-               + f"; exact but no shrink {len(no_shrink)}" + (f" ({', '.join(no_shrink)})" if no_shrink else ""))
+               + f"; exact but no shrink (params x < 1.005) {len(no_shrink)}" + (f" ({', '.join(no_shrink)})" if no_shrink else "")
+               + (f"; weak checks (sensitivity < {100 * args.threshold:g}): {', '.join(weak)}" if weak else ""))
     print(summary)
     path = C.write_json(args.out, {
         "benchmark": "coverage",
         "kill_rate": args.kill_rate,
+        "wake_scales": not args.canonical,
+        "dtype": args.dtype,
         "seed": args.seed,
         "threshold": args.threshold,
         "environment": C.environment(),

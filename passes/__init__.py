@@ -3,11 +3,13 @@
 - :func:`mask` — unstructured magnitude pruning (a masked copy and its masks).
 - :func:`minimize` — apply a removal plan: a smaller dense GraphModule, same function.
 - :func:`fold_batchnorm` — fold eval-mode BatchNorm into the conv that feeds it.
+- :func:`release` — exact zeros inside weights become small calibrated noise (a copy).
 
 Only the public API (:mod:`srfx.api`) orders passes; passes never call each other.
 """
 from .mask import apply_masks, magnitude_masks, mask
 from .fold_batchnorm import fold_batchnorm
 from .minimize import minimize
+from .release import release
 
-__all__ = ["mask", "magnitude_masks", "apply_masks", "minimize", "fold_batchnorm"]
+__all__ = ["mask", "magnitude_masks", "apply_masks", "minimize", "fold_batchnorm", "release"]

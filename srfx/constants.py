@@ -27,6 +27,7 @@ class Constants:
         self.coupling = coupling
         self.gm = coupling.graph_module
         self.values: dict[int, np.ndarray] = {}
+        self.notes: list[str] = []  # ops whose constants could not be evaluated
         self._params = {**dict(self.gm.named_parameters(remove_duplicate=False)), **dict(self.gm.named_buffers(remove_duplicate=False))}
 
     # --- queries for rules --------------------------------------------------------------
@@ -68,7 +69,12 @@ def constant_channels(coupling: Coupling) -> Constants:
         if rule is None:
             continue
         env = NodeEnv(gm, node, lambda key: [d.ref for d in coupling.dims_of_value(key)], modules, coupling.mutated)
-        for ref, vals in rule.constants(node, env, known).items():
+        try:
+            found = rule.constants(node, env, known)
+        except Exception as exc:  # a rule that cannot evaluate an op knows no constant: safe
+            known.notes.append(f"{node.name}: constants unknown ({type(exc).__name__}: {exc})")
+            continue
+        for ref, vals in found.items():
             did = coupling.index.get(ref)
             if did is not None and len(vals) == coupling.dims[did].size:
                 known.values[did] = np.asarray(vals, dtype=np.float64)

@@ -50,7 +50,8 @@ def count_macs(gm: fx.GraphModule) -> int:
             elif isinstance(m, nn.modules.conv._ConvNd):
                 total += out * m.weight[0].numel() if not isinstance(m, nn.modules.conv._ConvTransposeNd) else int(np.prod(facts_of(node.args[0]).shape)) * m.weight[0].numel()
         elif node.op == "call_function" and node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
-            w = facts_of(node.args[1])
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            w = facts_of(weight) if isinstance(weight, fx.Node) else None
             if w is not None and w.is_tensor:
                 total += out * int(np.prod(w.shape[1:]))
         elif (node.op == "call_function" and node.target in (torch.matmul, torch.bmm)) or node.target in ("matmul", "bmm") or getattr(node.target, "__name__", "") == "matmul":

@@ -71,6 +71,8 @@ class BatchNormRule(ChannelRule):
         return _channel_effects(node, env, 1, params, owner)[2]
 
     def constants(self, node, env, known):
+        if node.op == "call_function" and (env.concrete(env.arg(5, "training", False)) or env.arg(1, "running_mean") is None):
+            return {}  # batch statistics (timm's weight standardization): no per-channel constant
         x = env.tensor_args()[0]
         out = env.out((1,))
         c = known.value_or_nan(env.dim_at(x, (1,)), env.shape(x)[1])
