@@ -44,8 +44,12 @@ DEFAULT_MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "dense
 # --------------------------------------------------------------------------- the model
 
 def make_dead(model: nn.Module, kill_rate: float, seed: int) -> dict:
-    """Zero ``kill_rate`` of each Conv2d/Linear's output rows (at least one row always
-    survives) and randomize BatchNorm shifts; returns {module name: sorted dead rows}."""
+    """Wake zero-initialized scales, then zero ``kill_rate`` of each Conv2d/Linear's output rows
+    (at least one row always survives) and randomize BatchNorm shifts; returns {module name:
+    sorted dead rows}."""
+    # first wake what timm zero-initializes (BatchNorm scales of last blocks, heads, layer
+    # scales): left at zero they silence whole branches and inflate every ratio
+    C.kill_channels(model, rate=0.0, seed=seed, columns=False)
     g = torch.Generator().manual_seed(seed)
     dead = {}
     with torch.no_grad():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from srfx.errors import RewriteError
@@ -142,6 +143,9 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
 
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.group_norm:
+            _rewrite_group_count(node, plan)
+            continue
         rule = lookup(node, modules)
         if not isinstance(rule, Movement) or facts_of(node) is None or not facts_of(node).shapes:
             continue
@@ -166,6 +170,22 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
             node.args = (x, tuple(shape)) if packed else (x, *shape)
         elif rule.kind == SPLIT:
             _rewrite_split(node, plan)
+
+
+def _rewrite_group_count(node: fx.Node, plan: Plan) -> None:
+    """F.group_norm(x, num_groups, ...): whole groups went, so fewer groups."""
+    from srfx.tracing import facts_of
+
+    channels = facts_of(node).shape[1]
+    new = _new_size(plan, ValueKey(node.name), facts_of(node).shape)[1]
+    if new is None:
+        return
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
+    new_groups = groups * new // channels
+    if len(node.args) > 1:
+        node.args = (node.args[0], new_groups, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "num_groups": new_groups}
 
 
 def _rewrite_split(node: fx.Node, plan: Plan) -> None:

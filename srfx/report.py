@@ -21,13 +21,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_stored(model: nn.Module) -> int:
-    """Parameters plus floating-point buffers (BatchNorm statistics): the deployable size."""
-    seen, total = set(), 0
+    """Parameters plus floating-point buffers (BatchNorm statistics): the deployable size.
+    Counted per storage, so tensors that are views of one table (fx lifts a constant used
+    in several places as several views) count once."""
+    storages: dict[int, int] = {}
     for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel()
-    return total
+        if t.device.type == "meta":
+            storages[id(t)] = t.numel()
+            continue
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes() // t.element_size())
+    return sum(storages.values())
 
 
 def count_nonzero(model: nn.Module) -> int:

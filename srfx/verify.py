@@ -1,10 +1,14 @@
 """Verification: the emitted module must compute what the original computes (DESIGN §7).
 
 ``max|a - b| <= atol + rtol * max|a|`` per output tensor, with tolerances per dtype from one
-table. A mismatch raises :class:`VerificationError`; it is never a warning.
+table. Where a low-precision model's own rounding is larger than that (a float32 network
+whose activations dwarf its outputs), the candidate is instead measured against the
+reference run in float64 and must be within 10x the reference's own error of it. A mismatch
+raises :class:`VerificationError`; it is never a warning.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -88,6 +92,26 @@ def _memory_format(x: torch.Tensor):
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
+def _within_own_rounding(reference, batch, expected, actual, factor: float = 10.0) -> bool:
+    """A second opinion for low-precision models whose own rounding exceeds the table's
+    tolerance (activations far larger than the outputs): measured against the reference run
+    in float64, is the candidate within ``factor`` times the reference's own error?"""
+    exp_leaves = [t for t in _tensors(expected) if t.is_floating_point()]
+    if not exp_leaves or exp_leaves[0].dtype == torch.float64 or not isinstance(reference, torch.nn.Module):
+        return False
+    exact_model = copy.deepcopy(reference).double()
+    exact = exact_model(*[t.double() if t.is_floating_point() else t for t in batch])
+    for e, a, t in zip(_tensors(expected), _tensors(actual), _tensors(exact)):
+        if not e.is_floating_point():
+            continue
+        own = (e.double() - t).abs().max().item()
+        cand = (a.double() - t).abs().max().item()
+        rtol, atol = tolerance(e.dtype)
+        if cand > atol + rtol * t.abs().max().item() + factor * own:
+            return False
+    return True
+
+
 def verify(reference: Callable, candidate: Callable, inputs: tuple[torch.Tensor, ...], *, random_inputs: int = 2, seed: int = 0) -> float:
     """Run both on the example and on ``random_inputs`` fresh inputs; return the max relative
     error, or raise :class:`VerificationError`."""
@@ -97,6 +121,8 @@ def verify(reference: Callable, candidate: Callable, inputs: tuple[torch.Tensor,
             exp, act = reference(*batch), candidate(*batch)
             err_abs, err_rel, ok = compare_outputs(exp, act)
             worst = max(worst, err_rel)
+            if not ok and _within_own_rounding(reference, batch, exp, act):
+                continue
             if not ok:
                 leaves = [t for t in _tensors(exp) if t.is_floating_point()]
                 rtol, atol = tolerance(leaves[0].dtype) if leaves else (0.0, 0.0)

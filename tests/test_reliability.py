@@ -179,3 +179,29 @@ def test_channels_last_input():
 def test_example_input_on_another_device():
     with pytest.raises(srfx.InputError, match="device"):
         srfx.compress(nn.Linear(4, 3), torch.randn(2, 4, device="meta"))
+
+
+def test_float32_rounding_of_the_original_is_not_a_false_alarm():
+    """A dead channel carrying 3e4 that the next bias cancels: the float32 original is itself
+    off by ~1e-3 (relative) from its exact value; the candidate is judged against float64."""
+
+    class Cancel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    m = Cancel().eval()
+    with torch.no_grad():
+        m.fc1.weight[3] = 0
+        m.fc1.bias[3] = 3e4
+        m.fc2.weight[:, 3] = 1.0
+        m.fc2.bias[:] = -3e4
+    small = srfx.compress(m, torch.randn(8, 4))
+    assert small.fc1.out_features == 3
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        exact = m.double()(x.double())
+        assert (small(x).double() - exact).abs().max() < 1e-4 * exact.abs().max() + 1e-2

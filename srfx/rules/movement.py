@@ -23,6 +23,8 @@ from .common import call_with
 
 __all__ = ["Movement", "FREE", "SHAPE_ARGS", "SPLIT", "INDEX"]
 
+_LIKE = ("view_as", "reshape_as", "expand_as")
+
 FREE, SHAPE_ARGS, SPLIT, INDEX = "free", "shape_args", "split", "index"
 
 
@@ -139,7 +141,11 @@ class Movement(ChannelRule):
         if self.kind in (SPLIT, INDEX):
             sizes = {r: int(np.prod([shape[a] for a in r.axes])) for k, shape, _ in spans for r in all_in if r.value == k}
             fixed.extend(self._check_index_op(node, coverage, sizes))
-        meta = {"kind": self.kind, "opaque": frozenset(opaque)}
+        if node.op == "call_method" and node.target in _LIKE and len(node.args) > 1:
+            links, fixed, meta_untouched = self._like(node, env, links, fixed, out_refs)
+        else:
+            meta_untouched = ()
+        meta = {"kind": self.kind, "opaque": frozenset(opaque), "untouched": meta_untouched}
         roles = ()
         if node.target in (torch.cat, torch.concat, torch.stack):  # a parameter concatenated in writes channels
             from .pointwise import _parameter_behind
@@ -176,6 +182,20 @@ class Movement(ChannelRule):
             vals = np.where(seen & (lo == hi), lo, np.nan)
             result[out] = vals
         return result
+
+    def _like(self, node, env, links, fixed, out_refs):
+        """``x.view_as(ref)``: ref only lends its shape, so its channel axes must be the output's
+        (they shrink together). Its data does not flow: its dims are linked, not moved."""
+        ref = node.args[1]
+        links = [l for l in links if l.b.value != ValueKey(ref.name)]
+        fixed = [f for f in fixed if f[0].value != ValueKey(ref.name)]
+        own = {r.axes: r for r in out_refs}
+        for r in env.dims(ref):
+            if r.axes in own:
+                links.append(Link(r, own[r.axes]))
+            else:
+                fixed.append((r, f"{node.name}: lends its shape but its channels are not the output's"))
+        return links, fixed, ()
 
     def _along(self, node, env):
         """The axis a cat/split/chunk works along (their output keeps axis numbering)."""

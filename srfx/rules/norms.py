@@ -139,17 +139,31 @@ class LayerNormRule(ChannelRule):
 
 
 class GroupNormRule(ChannelRule):
+    """nn.GroupNorm and F.group_norm (timm's GroupNormAct): channels of one group go together;
+    the rewrite lowers the group count (module attribute or the call's num_groups)."""
+
     name = "group_norm"
 
     def effects(self, node, env):
-        m = env.module()
-        params = _affine_params(node, env, ["weight", "bias"])
-        x_ch, out, eff = _channel_effects(node, env, 1, params, node.target)
-        labels = np.arange(m.num_channels) // (m.num_channels // m.num_groups)
-        mix = Mix(x_ch, labels, f"{node.target}: GroupNorm statistics read each group of {m.num_channels // m.num_groups} channels")
+        x = env.tensor_args()[0]
+        channels = env.shape(x)[1]
+        if node.op == "call_module":
+            groups, params, owner = env.module().num_groups, _affine_params(node, env, ["weight", "bias"]), node.target
+        else:
+            groups = env.concrete(env.arg(1, "num_groups"))
+            affine = [a for a in (env.arg(2, "weight"), env.arg(3, "bias")) if a is not None]
+            names = [env.param_name(a) for a in affine]
+            if any(n is None for n in names) or not isinstance(groups, int):
+                why = f"{node.name}: group_norm with computed affine parameters"
+                return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (1,)), why),))
+            params, owner = _arg_refs(env, affine), (names[0].rsplit(".", 1)[0] if names else node.name)
+        x_ch, out, eff = _channel_effects(node, env, 1, params, owner)
+        per_group = channels // groups
+        labels = np.arange(channels) // per_group
+        mix = Mix(x_ch, labels, f"{owner}: GroupNorm statistics read each group of {per_group} channels")
         return Effects(outputs=eff.outputs, links=eff.links, roles=eff.roles, mixes=(mix,))
 
 
 register_instance(BatchNormRule(), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)
 register_instance(LayerNormRule(), nn.LayerNorm, F.layer_norm, *( [nn.RMSNorm, F.rms_norm] if hasattr(nn, "RMSNorm") else []))
-register_instance(GroupNormRule(), nn.GroupNorm)
+register_instance(GroupNormRule(), nn.GroupNorm, F.group_norm)
