@@ -227,3 +227,19 @@ def test_every_registered_key_resolves_to_a_rule():
     modules = dict(gm.named_modules())
     rules = {n.name: lookup(n, modules) for n in gm.graph.nodes}
     assert all(r is not None for r in rules.values())
+
+
+def test_conv_along_a_channel_axis_keeps_those_channels():
+    """ECA: a Conv1d slides over the channel axis of pooled features; its neighbours matter."""
+
+    def fwd(s, x):
+        h = s.a(x)
+        y = s.eca(h.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
+        return s.out(h * torch.sigmoid(y).expand_as(h))
+
+    m = Wrap(fwd, a=nn.Conv2d(3, 8, 1), eca=nn.Conv1d(1, 1, 3, padding=1, bias=False), out=nn.Conv2d(8, 2, 1)).eval()
+    with torch.no_grad():
+        m.a.weight[3] = 0
+        m.out.weight[:, 3] = 0
+    small = srfx.compress(m, torch.randn(2, 3, 4, 4))  # verified: channel 3 still feeds its neighbours' gates
+    assert small.a.out_channels == 8

@@ -7,6 +7,7 @@ channel would unbalance their groups.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,17 +75,27 @@ class WeightedLayer(ChannelRule):
     name = "weighted"
 
     def effects(self, node, env):
+        eff, spatial = self._effects(node, env)
+        return dataclasses.replace(eff, fixed=eff.fixed + spatial) if spatial else eff
+
+    def _effects(self, node, env):
         spec = weight_spec(node, env)
         x = env.tensor_args()[0]
         n = len(env.shape(x))
         ch_in = n - 1 if spec.kind == "linear" else 1
         passthrough = [r for r in env.dims(x) if ch_in not in r.axes]
         touching = [r for r in env.dims(x) if ch_in in r.axes and r.axes != (ch_in,)]
+        spatial = ()
+        if spec.kind != "linear" and passthrough:
+            # a conv slides along its spatial axes: channels laid out there (ECA's Conv1d over
+            # the channel axis) are mixed with their neighbours, not passed through
+            why = f"{node.name}: a convolution mixes along the axis these channels lie on"
+            spatial, passthrough = tuple((r, why) for r in passthrough), []
         links = [Link(r, env.out(r.axes)) for r in passthrough]
         outs = [env.out(r.axes) for r in passthrough]
         if spec.weight is None or touching:
             why = f"{node.name}: weight computed in forward" if spec.weight is None else f"{node.name}: channels span its input axis"
-            return Effects(outputs=tuple(outs), links=tuple(links), fixed=tuple((r, why) for r in env.dims(x) if r not in passthrough) + ((env.dim_at(x, (ch_in,)), why),))
+            return Effects(outputs=tuple(outs), links=tuple(links), fixed=tuple((r, why) for r in env.dims(x) if r not in passthrough) + ((env.dim_at(x, (ch_in,)), why),)), spatial
         x_in, out = env.dim_at(x, (ch_in,)), env.out((ch_in,))
         # a functional layer's get_attr weight/bias dims are tied to the parameter dims linked below
         weight_args = [a for a in env.tensor_args()[1:] if env.param_name(a) is not None]
@@ -102,17 +113,17 @@ class WeightedLayer(ChannelRule):
                 Role("writer", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in),
             ]
             links += [Link(x_in, param(spec.weight, w_in))] + out_links
-            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta=meta)
+            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta=meta), spatial
         if depthwise:
             c_out = env.out_shape[1]
             mult = c_out // spec.groups
             idx = np.arange(c_out)
             links += [Link(out, x_in, (idx, idx // mult))] + out_links
             roles = [Role("op", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in)]
-            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult, **meta})
+            return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult, **meta}), spatial
         if spec.kind != "conv":
             why = f"{node.name}: grouped transposed conv (groups={spec.groups}); kept"
-            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta)
+            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta), spatial
         # grouped conv: every group must keep as many channels as the others. Input j of each
         # group is one weight column, so inputs go as a column across all groups; outputs go
         # as the same index in every group (a mix).
@@ -125,7 +136,7 @@ class WeightedLayer(ChannelRule):
             Role("reader", x_in, _owner(node, spec), node.name, "zero_only", spec.weight, spec.bias, w_in),
             Role("writer", out, _owner(node, spec), node.name, None, spec.weight, spec.bias, w_in),
         ]
-        return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), mixes=(mix,), meta={"groups": spec.groups, **meta})
+        return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), mixes=(mix,), meta={"groups": spec.groups, **meta}), spatial
 
     def constants(self, node, env, known):
         spec = weight_spec(node, env)
