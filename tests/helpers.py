@@ -6,6 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from srfx.testing import kill_channels as _kill_channels
 from srfx.verify import TOLERANCES
 
 
@@ -37,32 +38,9 @@ def assert_close(expected: torch.Tensor, actual: torch.Tensor) -> None:
 
 
 def kill_channels(model: nn.Module, rate: float = 0.3, seed: int = 0, columns: bool = True) -> nn.Module:
-    """Zero whole output rows (and some input columns) of Linear/Conv weights; give every
-    BatchNorm nonzero random statistics, scales and shifts so dead channels carry constants."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-                if not m.weight.any():  # zero-initialized heads (timm) would hide every error
-                    m.weight.normal_(0, m.weight.shape[1] ** -0.5, generator=g)
-                rows = torch.rand(m.weight.shape[0], generator=g) < rate
-                m.weight[rows] = 0
-                if columns and m.weight.shape[1] > 1:
-                    cols = torch.rand(m.weight.shape[1], generator=g) < rate / 2
-                    m.weight[:, cols] = 0
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-                if m.weight is not None:  # timm's zero_init_last would otherwise silence whole branches
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):  # layer scale starts near 1e-6 in timm: residual branches would vanish
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return model
+    """``srfx.testing.kill_channels`` without waking other near-zero scales (the tests' models
+    pin their expectations on exactly these values)."""
+    return _kill_channels(model, rate, seed, columns, wake_scales=False)
 
 
 def report(gm):
