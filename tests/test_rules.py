@@ -243,3 +243,13 @@ def test_conv_along_a_channel_axis_keeps_those_channels():
         m.out.weight[:, 3] = 0
     small = srfx.compress(m, torch.randn(2, 3, 4, 4))  # verified: channel 3 still feeds its neighbours' gates
     assert small.a.out_channels == 8
+
+
+def test_functional_linear_with_keyword_arguments_in_any_order():
+    m = Wrap(lambda s, x: F.linear(weight=s.w, input=torch.relu(s.a(x)), bias=s.b), a=nn.Linear(4, 8))
+    m.w = nn.Parameter(torch.randn(3, 8))
+    m.b = nn.Parameter(torch.randn(3))
+    with torch.no_grad():
+        m.w[:, :4] = 0
+    small = srfx.compress(m.eval(), torch.randn(5, 4))
+    assert small.a.out_features == 4 and small.w.shape == (3, 4)

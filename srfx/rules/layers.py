@@ -80,7 +80,7 @@ class WeightedLayer(ChannelRule):
 
     def _effects(self, node, env):
         spec = weight_spec(node, env)
-        x = env.tensor_args()[0]
+        x = env.arg(0, "input")
         n = len(env.shape(x))
         ch_in = n - 1 if spec.kind == "linear" else 1
         passthrough = [r for r in env.dims(x) if ch_in not in r.axes]
@@ -98,7 +98,7 @@ class WeightedLayer(ChannelRule):
             return Effects(outputs=tuple(outs), links=tuple(links), fixed=tuple((r, why) for r in env.dims(x) if r not in passthrough) + ((env.dim_at(x, (ch_in,)), why),)), spatial
         x_in, out = env.dim_at(x, (ch_in,)), env.out((ch_in,))
         # a functional layer's get_attr weight/bias dims are tied to the parameter dims linked below
-        weight_args = [a for a in env.tensor_args()[1:] if env.param_name(a) is not None]
+        weight_args = [a for a in env.tensor_args() if a is not x and env.param_name(a) is not None]
         meta = {"untouched": tuple(r for a in weight_args for r in env.dims(a))}
         w_in, w_out = (0, 1) if spec.kind == "conv_transpose" else (1, 0)
         param = env.param_ref
@@ -142,7 +142,7 @@ class WeightedLayer(ChannelRule):
         spec = weight_spec(node, env)
         if spec.weight is None or (spec.groups > 1 and spec.kind != "conv"):
             return {}
-        x = env.tensor_args()[0]
+        x = env.arg(0, "input")
         ch_in = len(env.shape(x)) - 1 if spec.kind == "linear" else 1
         out = env.out((ch_in,))
         if out not in known.dims_of(node):
