@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .coupling import Coupling
-from .facts import ParamKey, Ref, ValueKey
+from .facts import Ref, ValueKey
 from .env import NodeEnv
 from .registry import lookup
 from .tracing import facts_of

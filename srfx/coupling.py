@@ -16,12 +16,11 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
-import torch
 import torch.fx as fx
 
 from . import rules as _rules  # noqa: F401  (registers the rule table)
 from .env import NodeEnv, mutated_attributes, tensor_leaves
-from .facts import Effects, Link, Mix, ParamKey, Ref, Role, ValueKey
+from .facts import Effects, Mix, ParamKey, Ref, Role, ValueKey
 from .registry import describe_op, lookup
 from .tracing import facts_of
 

@@ -1,6 +1,7 @@
 """The read-only view of the graph a channel rule gets for one node."""
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterator, Optional
 
 import torch
@@ -9,21 +10,29 @@ import torch.fx as fx
 from .facts import ParamKey, Ref, ValueKey
 from .tracing import facts_of
 
-__all__ = ["NodeEnv", "tensor_leaves", "mutated_attributes"]
+__all__ = ["NodeEnv", "tensor_leaves", "is_inplace", "mutated_attributes"]
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv"}
+def is_inplace(node: fx.Node, modules: dict) -> bool:
+    """Does the node write into its first argument (``x.relu_()``, ``x += y``, ``inplace=True``)?"""
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__"):
+        return True
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return True
+    if node.kwargs.get("inplace", False) is True:
+        return True
+    return node.op == "call_module" and getattr(modules.get(node.target), "inplace", False) is True
 
 
 def mutated_attributes(gm: fx.GraphModule) -> frozenset:
     """Targets of get_attr tensors that forward writes in place (running statistics,
     counters): state, not constants."""
     out = set()
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")) or (
-            node.op == "call_function" and getattr(node.target, "__name__", "") in _INPLACE_FUNCTIONS
-        ) or node.kwargs.get("inplace") is True
-        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+        if not is_inplace(node, modules) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         source = node.args[0]
         while source.op != "get_attr" and source.op in ("call_method", "call_function") and source.args and isinstance(source.args[0], fx.Node):

@@ -14,7 +14,6 @@ import json
 import sys
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tabulate import tabulate

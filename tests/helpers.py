@@ -1,7 +1,6 @@
 """Shared test helpers: killing channels, snapshots of a model's state, tolerances."""
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn as nn

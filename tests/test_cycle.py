@@ -1,7 +1,6 @@
 """SqueezeRelease driver: a tiny run on scikit-learn's digits (a few seconds)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ Golden files in tests/golden/ are ``show_groups.py MODEL --detail PREFIX`` rende
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -24,7 +24,7 @@ from hypothesis import assume, given, strategies as st
 
 import srfx
 from srfx.verify import TOLERANCES
-from strategies import FAMILIES, apply_masks, cnn_models, fresh_input, grouped_nets, mlp_models, mlps, random_masks, randomize
+from strategies import FAMILIES, apply_masks, cnn_models, fresh_input, mlp_models, mlps, random_masks, randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

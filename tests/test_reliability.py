@@ -3,7 +3,6 @@ nothing of the user's is touched; dtypes and memory formats."""
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize, prune
 
 import srfx

@@ -1,12 +1,11 @@
 """One test (or a few) per channel rule: what it couples, reads, writes, mixes or keeps."""
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import srfx
-from srfx.facts import ParamKey, Ref, ValueKey
+from srfx.facts import ValueKey
 from srfx.registry import lookup
 
 

@@ -1,18 +1,15 @@
 """Helpers shared by rule modules: calling a node's op on stand-in tensors, in-place checks."""
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from ..env import NodeEnv
+from ..env import NodeEnv, is_inplace
 
 __all__ = ["call_with", "mutates_input", "used_after", "probe", "per_channel_constant"]
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def call_with(node: fx.Node, env: NodeEnv, substitute: Callable[[fx.Node], Any]) -> Any:
@@ -30,15 +27,7 @@ def call_with(node: fx.Node, env: NodeEnv, substitute: Callable[[fx.Node], Any])
 
 
 def mutates_input(node: fx.Node, env: NodeEnv) -> bool:
-    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") and not node.target.endswith("__"):
-        return True
-    if node.target in _INPLACE_OPERATORS:
-        return True
-    if node.kwargs.get("inplace", False) is True:
-        return True
-    if node.op == "call_module" and getattr(env.module(), "inplace", False) is True:
-        return True
-    return False
+    return is_inplace(node, env.modules)
 
 
 def used_after(value: fx.Node, node: fx.Node) -> bool:

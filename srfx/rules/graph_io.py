@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..env import tensor_leaves
-from ..facts import Effects, Link, Ref
+from ..facts import Effects, Link
 from ..registry import ChannelRule, register
 
 

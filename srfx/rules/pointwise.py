@@ -20,9 +20,6 @@ from .common import call_with, mutates_input, per_channel_constant, probe, used_
 
 __all__ = ["Pointwise", "pointwise_effects"]
 
-_ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
-
-
 def _parameter_behind(value, env):
     """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
     from ..registry import lookup
