@@ -1,7 +1,10 @@
 """minimize: apply a removal plan, emitting a smaller dense GraphModule (DESIGN §3).
 
 Guarantee: the returned module computes the same function as the traced input up to
-floating-point rounding, in eval semantics; the input GraphModule is not modified.
+floating-point rounding, in eval semantics; the input GraphModule is not modified. When the
+plan narrows a LayerNorm stream (``plan.compensations``), the guarantee holds once
+:func:`srfx.passes.compensate_ln` has run on the result (``meta["srfx_pending_compensation"]``
+names the norms until then).
 
     >>> # fc1: 4 -> 3 hidden units, unit 2 has a zero row (constant relu(b2)), fc2 reads it
     >>> # after minimize: fc1 4 -> 2, fc2 2 -> out, fc2.bias += fc2.weight[:, 2] * relu(b2)
@@ -247,6 +250,8 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
         if isinstance(module, nn.Module):
             _resize_module(module)
     _rewrite_shape_args(out, plan)
+    if plan.compensations:  # the narrowed norms are only right once compensate_ln has run
+        out.meta["srfx_pending_compensation"] = tuple(site.node for site in plan.compensations)
     out.graph.lint()
     out.recompile()
     return PassResult(out, True)

@@ -1,6 +1,6 @@
 """The public entry points; the only place that orders the stages.
 
-trace -> fold BatchNorm -> analyze (coupling groups) -> plan -> rewrite (minimize) -> verify -> report
+trace -> fold BatchNorm -> analyze (coupling groups) -> plan -> rewrite (minimize, compensate_ln) -> verify -> report
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def compress(
     traced: Traced = trace(reference, example_input)
     _check_outputs(reference, traced.example_inputs)
     from srfx.passes import fold_batchnorm as fold_bn
-    from srfx.passes import minimize
+    from srfx.passes import compensate_ln, minimize
 
     graph = traced.graph_module
     if fold_batchnorm:  # first, so a zero BatchNorm scale shows up as zero conv rows to the plan
@@ -107,6 +107,7 @@ def compress(
     coupling = coupling_groups(graph)
     removal = plan_removal(coupling)
     result = minimize(graph, removal).graph_module
+    result = compensate_ln(result, removal).graph_module
     if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
     with torch.no_grad(), preserved_buffers(result):

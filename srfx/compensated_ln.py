@@ -36,13 +36,16 @@ class CompensatedLayerNorm(nn.Module):
         emit_u: bool = False,
         emit_v: bool = False,
         channel_dim: int = -1,
+        centered: bool = True,
     ):
         super().__init__()
         if not 0 <= kept <= total:
             raise ValueError(f"kept={kept} must be between 0 and total={total}")
         self.kept, self.total, self.eps, self.channel_dim = kept, total, eps, channel_dim
         self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
-        self.emit_u, self.emit_v = emit_u, emit_v
+        if emit_v and not centered:
+            raise ValueError("an RMSNorm (centered=False) has no mean: only u can be emitted")
+        self.emit_u, self.emit_v, self.centered = emit_u, emit_v, centered
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -50,42 +53,61 @@ class CompensatedLayerNorm(nn.Module):
     def extra_channels(self) -> int:
         return int(self.emit_u) + int(self.emit_v)
 
-    def _per_channel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        return t.reshape(shape)
+    def _per_channel(self, y: torch.Tensor, t: torch.Tensor, op) -> torch.Tensor:
+        """``op(y, t)`` with ``t`` along the channel axis (written so that fx can trace it)."""
+        if self.channel_dim == -1:
+            return op(y, t)
+        return op(y.transpose(self.channel_dim, -1), t).transpose(self.channel_dim, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, n_removed = self.total, self.total - self.kept
         c1, c2 = self.removed_sum, self.removed_sq_sum
+        eps = self.eps
+        if not self.centered:  # RMSNorm: s^2 = (sum_K x^2 + C2) / D
+            inv = torch.rsqrt(((x * x).sum(self.channel_dim, keepdim=True) + c2) / d + eps)
+            return self._finish(x * inv, x, inv, None)
         mu = (x.sum(self.channel_dim, keepdim=True) + c1) / d
         dev = x - mu
         var = ((dev * dev).sum(self.channel_dim, keepdim=True) + c2 - 2 * mu * c1 + n_removed * mu * mu) / d
-        inv = torch.rsqrt(var + self.eps)
-        y = dev * inv
+        inv = torch.rsqrt(var + eps)
+        return self._finish(dev * inv, x, inv, mu)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, mu) -> torch.Tensor:
         if self.weight is not None:
-            y = y * self._per_channel(self.weight, x)
+            y = self._per_channel(y, self.weight, torch.mul)
         if self.bias is not None:
-            y = y + self._per_channel(self.bias, x)
+            y = self._per_channel(y, self.bias, torch.add)
         extras = ([inv] if self.emit_u else []) + ([mu * inv] if self.emit_v else [])
         return torch.cat([y, *extras], dim=self.channel_dim) if extras else y
 
     def extra_repr(self) -> str:
-        return f"kept={self.kept}, total={self.total}, eps={self.eps}, emit_u={self.emit_u}, emit_v={self.emit_v}"
+        kind = "" if self.centered else ", rms"
+        return f"kept={self.kept}, total={self.total}, eps={self.eps}, emit_u={self.emit_u}, emit_v={self.emit_v}{kind}"
 
     @classmethod
-    def replacing(cls, norm: nn.LayerNorm, keep: torch.Tensor, constants: torch.Tensor, emit_u: bool, emit_v: bool, channel_dim: int = -1):
-        """The compensated form of ``norm`` keeping channels ``keep``; ``constants`` holds the
-        value of every channel (only the removed ones are read)."""
+    def replacing(cls, norm: nn.Module, keep: torch.Tensor, constants: torch.Tensor, emit_u: bool, emit_v: bool, channel_dim: int = -1):
+        """The compensated form of ``norm`` (nn.LayerNorm or nn.RMSNorm) keeping channels
+        ``keep``; ``constants`` holds the value of every channel (only the removed ones are read)."""
         if len(norm.normalized_shape) != 1:
             raise ValueError("CompensatedLayerNorm normalizes over one (channel) axis")
-        total = norm.normalized_shape[0]
+        return cls.from_parts(
+            norm.normalized_shape[0], keep, constants, norm.eps, norm.weight, getattr(norm, "bias", None),
+            emit_u, emit_v, channel_dim, centered=isinstance(norm, nn.LayerNorm),
+        )
+
+    @classmethod
+    def from_parts(cls, total: int, keep, constants, eps, weight, bias, emit_u: bool, emit_v: bool, channel_dim: int = -1, centered: bool = True):
+        """The compensated norm over ``total`` channels keeping ``keep`` (indices), with the
+        full-width ``weight``/``bias`` (or None) and per-channel ``constants``."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
         removed = torch.ones(total, dtype=torch.bool)
         removed[keep] = False
-        c = constants.double()[removed]
-        w = norm.weight[keep] if norm.weight is not None else None
-        b = norm.bias[keep] if norm.bias is not None else None
-        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), norm.eps, w, b, emit_u, emit_v, channel_dim)
+        c = torch.as_tensor(constants, dtype=torch.float64)[removed]
+        w = weight.detach()[keep] if weight is not None else None
+        b = bias.detach()[keep] if bias is not None else None
+        if eps is None:  # nn.RMSNorm's default: the machine epsilon of the input's dtype
+            eps = torch.finfo(weight.dtype if weight is not None else torch.get_default_dtype()).eps
+        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), eps, w, b, emit_u, emit_v, channel_dim, centered)
 
 
 @dataclass(frozen=True)
@@ -98,24 +120,31 @@ class ReaderCompensation:
     emit_v: bool
 
 
-def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0) -> ReaderCompensation:
+def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None) -> ReaderCompensation:
     """A linear reader ``y = W n + b`` of a LayerNorm's output, rewritten for the kept channels.
+    ``weight`` reads channels on axis 1 (Linear ``(out, in)``, or a conv ``(out, in, *kernel)``
+    without zero padding, where u and v are maps like any channel).
 
     Removed channel j outputs ``gamma_j c_j u - gamma_j v + beta_j``; so the reader gets
-    column ``a = W_R (gamma_R c_R)`` for u, ``-W_R gamma_R`` for v, and ``b += W_R beta_R``.
-    A column that is zero is not emitted (``tol`` treats tiny ones as zero: 0 keeps it exact).
+    column ``a = W_R (gamma_R c_R)`` for u, ``-W_R gamma_R`` for v, and ``b += W_R beta_R``
+    (summed over the kernel). An RMSNorm (``centered=False``) has no v. A column that is zero
+    is not emitted (``tol`` treats tiny ones as zero: 0 keeps it exact), unless ``emit``
+    = (u, v) says which columns the norm emits (several readers share one norm).
     """
     d = weight.shape[1]
+    keep = torch.as_tensor(keep, dtype=torch.long)
     removed = torch.ones(d, dtype=torch.bool)
     removed[keep] = False
-    w64 = weight.double()
-    g = gamma.double() if gamma is not None else torch.ones(d, dtype=torch.float64)
-    be = beta.double() if beta is not None else torch.zeros(d, dtype=torch.float64)
-    c = constants.double()
-    w_r = w64[:, removed]
-    a = w_r @ (g[removed] * c[removed])
-    v_col = -(w_r @ g[removed])
-    new_bias = (bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)) + w_r @ be[removed]
-    emit_u, emit_v = bool((a.abs() > tol).any()), bool((v_col.abs() > tol).any())
-    cols = [w64[:, keep]] + ([a[:, None]] if emit_u else []) + ([v_col[:, None]] if emit_v else [])
+    w64 = weight.detach().double()
+    g = gamma.detach().double() if gamma is not None else torch.ones(d, dtype=torch.float64)
+    be = beta.detach().double() if beta is not None else torch.zeros(d, dtype=torch.float64)
+    c = torch.as_tensor(constants, dtype=torch.float64)
+    w_r = w64[:, removed]  # (out, |R|, *kernel)
+    a = torch.tensordot(w_r, g[removed] * c[removed], dims=([1], [0])).unsqueeze(1)
+    v_col = -torch.tensordot(w_r, g[removed], dims=([1], [0])).unsqueeze(1)
+    shift = torch.tensordot(w_r, be[removed], dims=([1], [0])).reshape(weight.shape[0], -1).sum(1)
+    new_bias = (bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)) + shift
+    emit_u = bool((a.abs() > tol).any()) if emit is None else emit[0]
+    emit_v = (centered and bool((v_col.abs() > tol).any())) if emit is None else emit[1]
+    cols = [w64[:, keep]] + ([a] if emit_u else []) + ([v_col] if emit_v else [])
     return ReaderCompensation(torch.cat(cols, dim=1).to(weight.dtype), new_bias.to(weight.dtype), emit_u, emit_v)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from .compensation import NormSite, compensable_norms
 from .constants import Constants, constant_channels
 from .coupling import Coupling
 from .facts import ParamKey, Ref, Role
 
-__all__ = ["Plan", "GroupPlan", "Fold", "Gather", "plan_removal"]
+__all__ = ["Plan", "GroupPlan", "Fold", "Gather", "NormSite", "plan_removal"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GroupPlan:
     unread: int
     constant: int
     fixed: Optional[str]
+    compensated: int = 0  # left a norm's stream through compensation (see srfx.compensation)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +61,7 @@ class Plan:
     folds: tuple[Fold, ...]
     groups: tuple[GroupPlan, ...]
     gathers: tuple[Gather, ...] = ()
+    compensations: tuple[NormSite, ...] = ()  # norms that lose channels: compensate_ln rewrites them
 
     def keep(self, dim_id: int) -> np.ndarray:
         """Indices of the channels of dim ``dim_id`` that stay."""
@@ -74,11 +77,15 @@ class Plan:
 
     def table(self) -> str:
         rows = [
-            (g.group, g.channels, g.kept, g.unread, g.constant, g.fixed or "")
+            (g.group, g.channels, g.kept, g.unread, g.constant, g.compensated, g.fixed or "")
             for g in self.groups
             if g.kept < g.channels or g.fixed is None
         ]
-        return tabulate(rows, headers=["group", "channels", "kept", "unread", "constant", "kept whole because"])
+        table = tabulate(rows, headers=["group", "channels", "kept", "unread", "constant", "compensated", "kept whole because"])
+        if self.compensations:
+            names = ", ".join(site.node for site in self.compensations)
+            table += f"\ncompensated norms ({len(self.compensations)}): {names}"
+        return table
 
     def __str__(self) -> str:
         return self.table()
@@ -92,9 +99,14 @@ class _Reader:
     weight: np.ndarray  # (out, in) with other axes reduced: "is any weight nonzero"
     consts: np.ndarray
     foldable: np.ndarray
+    compensated: bool = False  # absorbs a compensated norm's removed channels (no Fold)
 
 
-def _readers(coupling: Coupling, constants: Constants) -> list[_Reader]:
+def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ...] = ()) -> list[_Reader]:
+    absorbs = {}
+    for site in sites:
+        for role in site.readers:
+            absorbs[role.node] = site.removable
     out = []
     for role in coupling.roles:
         if role.kind != "reader" or role.fold is None:
@@ -113,21 +125,27 @@ def _readers(coupling: Coupling, constants: Constants) -> list[_Reader]:
             nz = full
         c = constants.of(in_dim.id)
         foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
+        compensated = role.node in absorbs
+        if compensated:
+            foldable = foldable | absorbs[role.node]
         out_dim = coupling.dim(Ref(ParamKey(role.weight), (out_axis,)))
-        out.append(_Reader(role, coupling.atoms(in_dim), coupling.atoms(out_dim), nz.numpy(), c, foldable))
+        out.append(_Reader(role, coupling.atoms(in_dim), coupling.atoms(out_dim), nz.numpy(), c, foldable, compensated))
     return out
 
 
-def _close(coupling: Coupling, need: np.ndarray) -> np.ndarray:
-    """Mixed channels go together; multi-axis dims keep a rectangular (product) shape."""
+def _close(coupling: Coupling, need: np.ndarray, free: dict[int, np.ndarray]) -> np.ndarray:
+    """Mixed channels go together (except those a compensated norm frees: ``free`` maps a
+    norm's input dim to them); multi-axis dims keep a rectangular (product) shape."""
     multi = [d for d in coupling.dims if len(d.ref.axes) > 1]
     while True:
         before = need.copy()
         for mix in coupling.mixes:
-            atoms = coupling.atoms(coupling.dim(mix.ref))
+            dim = coupling.dim(mix.ref)
+            atoms = coupling.atoms(dim)
             hit = np.zeros(int(mix.labels.max()) + 1, dtype=bool)
             np.logical_or.at(hit, mix.labels, need[atoms])
-            need[atoms[hit[mix.labels]]] = True
+            bound = ~free.get(dim.id, np.zeros(len(atoms), dtype=bool))
+            need[atoms[hit[mix.labels] & bound]] = True
         for d in multi:
             atoms = coupling.atoms(d)
             k = need[atoms].reshape(d.sizes)
@@ -142,7 +160,7 @@ def _close(coupling: Coupling, need: np.ndarray) -> np.ndarray:
             return need
 
 
-def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_atoms: int) -> np.ndarray:
+def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_atoms: int, free: dict[int, np.ndarray]) -> np.ndarray:
     kept = np.ones(n_atoms, dtype=bool)
     while True:
         need = base.copy()
@@ -150,7 +168,7 @@ def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_at
             rows = kept[r.out_atoms]
             read = r.weight[rows].any(0)
             need[r.in_atoms[read & ~r.foldable]] = True
-        need = _close(coupling, need)
+        need = _close(coupling, need, free)
         if np.array_equal(need, kept):
             return kept
         kept = need
@@ -166,25 +184,33 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
                 base[coupling.atoms(coupling.dims[did])] = True
     for did, _ in coupling.needs:
         base[coupling.atoms(coupling.dims[did])] = True
-    readers = _readers(coupling, constants)
+    sites = compensable_norms(coupling, constants)
+    free: dict[int, np.ndarray] = {}
+    for site in sites:  # two norms of one value: a channel is free only if both free it
+        free[site.in_dim] = free.get(site.in_dim, site.removable) & site.removable
+    readers = _readers(coupling, constants, sites)
     params = constants._params
     conv_dims = [
         coupling.atoms(d) for d in coupling.dims
         if isinstance(d.ref.value, ParamKey) and params[d.ref.value.qualname].dim() >= 3 and d.size
     ]
     while True:
-        kept = _fixpoint(coupling, readers, base, n_atoms)
-        # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger)
-        empty = [atoms[0] for atoms in conv_dims if not kept[atoms].any()]
+        kept = _fixpoint(coupling, readers, base, n_atoms, free)
+        # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger);
+        # a norm keeps one too (its statistics need something to normalize)
+        norm_dims = [coupling.atoms(coupling.dims[site.in_dim]) for site in sites]
+        empty = [atoms[0] for atoms in conv_dims + norm_dims if len(atoms) and not kept[atoms].any()]
         if not empty:
             break
         base[empty] = True
-    folds, folded_atoms = [], np.zeros(n_atoms, dtype=bool)
+    folds, folded_atoms, compensated_atoms = [], np.zeros(n_atoms, dtype=bool), np.zeros(n_atoms, dtype=bool)
     for r in readers:
         rows = kept[r.out_atoms]
         read = r.weight[rows].any(0)
         idx = np.nonzero(read & ~kept[r.in_atoms])[0]
-        if len(idx):
+        if len(idx) and r.compensated:
+            compensated_atoms[r.in_atoms[idx]] = True
+        elif len(idx):
             folds.append(Fold(r.role, idx, r.consts[idx]))
             folded_atoms[r.in_atoms[idx]] = True
     gathers = tuple(_gathers(coupling, readers, kept))
@@ -192,9 +218,11 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
     for g in coupling.groups:
         atoms = np.unique(np.concatenate([coupling.atoms(coupling.dims[d]) for d in g.dims]))
         gone = atoms[~kept[atoms]]
+        n_comp = int((compensated_atoms[gone] & ~folded_atoms[gone]).sum())
         n_const = int(folded_atoms[gone].sum())
-        groups.append(GroupPlan(g.id, len(atoms), int(kept[atoms].sum()), len(gone) - n_const, n_const, g.fixed))
-    return Plan(coupling, constants, kept, tuple(folds), tuple(groups), gathers)
+        groups.append(GroupPlan(g.id, len(atoms), int(kept[atoms].sum()), len(gone) - n_const - n_comp, n_const, g.fixed, n_comp))
+    compensations = tuple(s for s in sites if not kept[coupling.atoms(coupling.dims[s.in_dim])].all())
+    return Plan(coupling, constants, kept, tuple(folds), tuple(groups), gathers, compensations)
 
 
 def _gathers(coupling: Coupling, readers: list[_Reader], kept: np.ndarray):

@@ -109,33 +109,65 @@ class BatchNormRule(ChannelRule):
 
 
 class LayerNormRule(ChannelRule):
-    """LayerNorm over the last axis (nn.LayerNorm, F.layer_norm, RMSNorm)."""
+    """LayerNorm over the last axis (nn.LayerNorm, F.layer_norm, RMSNorm). Its statistics mix
+    all channels; ``meta`` tells compensate_ln what it needs to rebuild them (srfx.compensation)."""
 
     name = "layer_norm"
+
+    def _norm(self, node, env):
+        """(normalized shape, weight qualname, bias qualname, eps, centered), or a reason."""
+        rms_module = getattr(nn, "RMSNorm", ())
+        rms = node.target is getattr(F, "rms_norm", None) or (node.op == "call_module" and isinstance(env.module(), rms_module))
+        if node.op == "call_module":
+            m = env.module()
+            weight = f"{node.target}.weight" if getattr(m, "weight", None) is not None else None
+            bias = f"{node.target}.bias" if getattr(m, "bias", None) is not None else None
+            return tuple(m.normalized_shape), weight, bias, m.eps, not rms
+        shape = tuple(env.concrete(env.arg(1, "normalized_shape")))
+        if rms:  # F.rms_norm(input, normalized_shape, weight=None, eps=None)
+            weight, bias, eps = env.arg(2, "weight"), None, env.concrete(env.arg(3, "eps", None))
+        else:  # F.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5)
+            weight, bias, eps = env.arg(2, "weight"), env.arg(3, "bias"), env.concrete(env.arg(4, "eps", 1e-5))
+        names = [env.param_name(a) if a is not None else None for a in (weight, bias)]
+        if any(a is not None and n is None for a, n in zip((weight, bias), names)):
+            return f"{node.name}: layer_norm with computed affine parameters"
+        return shape, names[0], names[1], eps, not rms
 
     def effects(self, node, env):
         x = env.tensor_args()[0]
         n = len(env.shape(x))
-        if node.op == "call_module":
-            m = env.module()
-            shape = tuple(m.normalized_shape)
-            params = _affine_params(node, env, ["weight", "bias"])
-            owner = node.target
-        else:
-            shape = tuple(env.concrete(env.arg(1, "normalized_shape")))
-            affine = (env.arg(2, "weight"),) if node.target is getattr(F, "rms_norm", None) else (env.arg(2, "weight"), env.arg(3, "bias"))
-            names = [env.param_name(a) for a in affine if a is not None]
-            if any(p is None for p in names):
-                why = f"{node.name}: layer_norm with computed affine parameters"
-                return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
-            params = _arg_refs(env, affine)
-            owner = names[0].rsplit(".", 1)[0] if names else node.name
+        found = self._norm(node, env)
+        if isinstance(found, str):
+            return Effects(fixed=tuple((r, found) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), found),))
+        shape, weight, bias, eps, centered = found
         if len(shape) != 1:
             why = f"{node.name}: normalizes over {len(shape)} axes"
             return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
+        if node.op == "call_module":
+            params = _affine_params(node, env, ["weight", "bias"])
+        else:
+            params = _arg_refs(env, [env.arg(2, "weight")] + ([env.arg(3, "bias")] if centered else []))
+        if node.op == "call_module":
+            owner = node.target
+        else:
+            owner = (weight or bias).rsplit(".", 1)[0] if (weight or bias) else node.name
         x_ch, out, eff = _channel_effects(node, env, n - 1, params, owner)
-        mix = Mix(x_ch, np.zeros(shape[0], dtype=np.int64), f"{owner}: LayerNorm statistics read all {shape[0]} channels")
-        return Effects(outputs=eff.outputs, links=eff.links, roles=eff.roles, mixes=(mix,), meta={"norm": "layer"})
+        kind = "LayerNorm" if centered else "RMSNorm"
+        mix = Mix(x_ch, np.zeros(shape[0], dtype=np.int64), f"{owner}: {kind} statistics read all {shape[0]} channels")
+        meta = {"norm": "layer" if centered else "rms", "weight": weight, "bias": bias, "eps": eps, "owner": owner}
+        return Effects(outputs=eff.outputs, links=eff.links, roles=eff.roles, mixes=(mix,), meta=meta)
+
+    def constants(self, node, env, known):
+        """Where the scale is zero the output is the shift whatever comes in (gamma = 0 frees a
+        channel of the stream a LayerNorm writes, as with BatchNorm)."""
+        found = self._norm(node, env)
+        if isinstance(found, str) or len(found[0]) != 1 or found[1] is None:
+            return {}
+        _, weight, bias, _, _ = found
+        w = known.param(weight).detach().double().numpy()
+        shift = known.param(bias).detach().double().numpy() if bias is not None else np.zeros_like(w)
+        n = len(env.shape(env.tensor_args()[0]))
+        return {env.out((n - 1,)): np.where(w == 0, shift, np.nan)}
 
 
 class GroupNormRule(ChannelRule):

@@ -1,0 +1,199 @@
+"""Which LayerNorm/RMSNorm channels can leave their stream through compensation (DESIGN §4).
+
+A norm's statistics read every channel, so the plan normally keeps its channels all together.
+A channel that carries a known constant c_j at the norm's *input* can still go: the
+compensated norm (:class:`srfx.compensated_ln.CompensatedLayerNorm`) rebuilds the statistics
+from the kept channels and the sums of the removed constants. What the removed channel
+*outputs* is ``gamma_j c_j u - gamma_j v + beta_j`` (u = 1/s, v = mu/s), which someone must
+still absorb:
+
+- when ``gamma_j = 0`` the output is the constant ``beta_j``, and readers anywhere downstream
+  fold it like any constant channel;
+- otherwise every use of the norm's output must end, through data movement that keeps the
+  channel axis whole (permute, token selection, flatten of unit axes, dropout, mean over
+  tokens), at a Linear or unpadded conv reader that is called once and not tied: those
+  readers get one column for u and one for v, and ``W_R beta_R`` in their bias.
+
+This module only finds the sites; :mod:`srfx.planning` decides what goes, and the
+``compensate_ln`` pass rewrites.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .coupling import Coupling
+from .facts import Ref, Role, ValueKey
+from .tracing import facts_of
+
+__all__ = ["NormSite", "compensable_norms"]
+
+
+@dataclass(frozen=True, eq=False)
+class NormSite:
+    """One norm node that compensate_ln may rewrite.
+
+    ``removable[j]``: channel j may leave (its input constant is known, and its output is
+    either constant or absorbed by ``readers``). ``readers`` is empty when some use of the
+    output cannot absorb u and v (then only gamma = 0 channels are removable).
+    """
+
+    node: str
+    centered: bool  # LayerNorm (True) or RMSNorm (False)
+    in_dim: int
+    out_dim: int
+    constants: np.ndarray  # per channel at the norm's input (NaN: not constant)
+    removable: np.ndarray
+    weight: Optional[str]
+    bias: Optional[str]
+    eps: Optional[float]
+    readers: tuple[Role, ...]
+    why_not_readers: Optional[str] = None
+    size_reads: tuple[tuple[str, int], ...] = ()  # (node, original size): channel counts read off the output
+
+
+# Ops that move data without mixing channels, and act the same on every channel (so a removed
+# channel's affine form in u and v survives them, and the emitted u, v channels travel along).
+_TRANSPARENT_METHODS = frozenset({"permute", "transpose", "contiguous", "flatten", "clone", "mean"})
+_TRANSPARENT_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.permute, torch.transpose, torch.mean, F.dropout})
+_TRANSPARENT_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
+_READER_FOLDS = ("linear", "conv")  # not "zero_only": zero padding would see beta at the borders
+
+
+def _transparent(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_method":
+        return node.target in _TRANSPARENT_METHODS
+    if node.op == "call_function":
+        return node.target in _TRANSPARENT_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _TRANSPARENT_MODULES)
+    return False
+
+
+def _same_channels(coupling: Coupling, node: fx.Node, atoms: np.ndarray) -> bool:
+    """The node's value carries the norm's channels, in order, on one axis."""
+    for d in coupling.dims_of_value(ValueKey(node.name)):
+        if len(d.ref.axes) == 1 and d.size == len(atoms) and np.array_equal(coupling.atoms(d), atoms):
+            return True
+    return False
+
+
+def _channel_axis(coupling: Coupling, node: fx.Node, atoms: np.ndarray) -> Optional[int]:
+    for d in coupling.dims_of_value(ValueKey(node.name)):
+        if len(d.ref.axes) == 1 and np.array_equal(coupling.atoms(d), atoms):
+            return d.ref.axes[0]
+    return None
+
+
+def _size_reads(query: fx.Node, axis: int, ndim: int) -> Optional[list[fx.Node]]:
+    """The nodes of a shape query (``x.shape``, ``x.size()``, ``x.size(i)``, ``x.dim()``) that
+    hold the channel count, or None when the whole shape escapes (then it cannot be patched).
+    The shape-query rule already keeps channels whose count reaches anything but shape
+    arguments, so the count read here only sizes other tensors: the original number is right."""
+    if query.op == "call_method" and query.target == "dim":
+        return []
+    whole = (query.op == "call_function" and query.target is getattr and query.args[1:] == ("shape",)) or (
+        query.op == "call_method" and query.target == "size" and len(query.args) == 1 and not query.kwargs
+    )
+    if query.op == "call_method" and query.target == "size" and not whole:
+        dim = query.args[1] if len(query.args) > 1 else query.kwargs.get("dim")
+        return [query] if isinstance(dim, int) and dim % ndim == axis else ([] if isinstance(dim, int) else None)
+    if not whole:
+        return None
+    found = []
+    for user in query.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)):
+            return None
+        if user.args[1] % ndim == axis:
+            found.append(user)
+    return found
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)) or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
+def _absorbing_readers(coupling: Coupling, constants, norm: fx.Node, out_atoms: np.ndarray):
+    """The readers that absorb every use of ``norm``'s output and the channel-count reads to
+    patch, or () and the reason why not."""
+    gm = coupling.graph_module
+    modules = dict(gm.named_modules())
+    readers_by_node = {r.node: r for r in coupling.roles if r.kind == "reader"}
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    tied = {n for pair in coupling.aliases.items() if pair[0] != pair[1] for n in pair}
+    found, sizes, todo, seen = [], [], [norm], {norm}
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_shape_query(user) and user.args[0] is value:
+                axis = _channel_axis(coupling, value, out_atoms)
+                facts = facts_of(value)
+                shape = facts.shape if facts is not None and facts.shapes else None
+                reads = _size_reads(user, axis, len(shape)) if axis is not None and shape is not None else None
+                if reads is None:
+                    return (), f"{user.format_node()} reads its whole shape", ()
+                sizes += [(r.name, len(out_atoms)) for r in reads]
+                continue
+            role = readers_by_node.get(user.name)
+            if role is not None:
+                if role.fold not in _READER_FOLDS:
+                    return (), f"{user.name} reads it through a zero-padded or transposed conv", ()
+                if user.args[0] is not value or role.in_axis != 1:
+                    return (), f"{user.name} reads it other than as its input", ()
+                if calls.get(role.owner, 1) != 1 or role.weight in tied:
+                    return (), f"{role.owner} is shared (called more than once or tied)", ()
+                w = constants.param(role.weight) if role.weight else None
+                if w is None or w.dim() < 2 or w.shape[1] != len(out_atoms):
+                    return (), f"{user.name} is a grouped reader", ()
+                found.append(role)
+                continue
+            tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr"]
+            if not _transparent(user, modules) or tensor_inputs != [value] or not _same_channels(coupling, user, out_atoms):
+                return (), f"{user.format_node()} uses its output", ()
+            todo.append(user)
+    return tuple(found), None, tuple(sizes)
+
+
+def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
+    """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free."""
+    gm = coupling.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = []
+    for name, eff in coupling.effects.items():
+        if eff.meta.get("norm") not in ("layer", "rms") or not eff.mixes:
+            continue
+        in_ref = eff.mixes[0].ref
+        if in_ref not in coupling.index or len(in_ref.axes) != 1:
+            continue
+        in_dim = coupling.dim(in_ref)
+        node = nodes[name]
+        out_dims = [d for d in coupling.dims_of_value(ValueKey(name)) if d.ref.axes == in_ref.axes]
+        if not out_dims:
+            continue
+        out_dim = out_dims[0]
+        c = constants.of(in_dim.id)
+        if not np.isfinite(c).any():
+            continue
+        out_const = constants.of(out_dim.id)
+        readers, why, sizes = _absorbing_readers(coupling, constants, node, coupling.atoms(out_dim))
+        absorbed = np.ones(len(c), dtype=bool) if why is None else ~np.isnan(out_const)
+        sites.append(NormSite(
+            name, eff.meta["norm"] == "layer", in_dim.id, out_dim.id, c, np.isfinite(c) & absorbed,
+            eff.meta.get("weight"), eff.meta.get("bias"), eff.meta.get("eps"), readers, why, sizes,
+        ))
+    return tuple(sites)
