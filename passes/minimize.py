@@ -175,6 +175,18 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
             _rewrite_split(node, plan)
 
 
+def _pin_attention_scale(gm: fx.GraphModule, plan: Plan) -> None:
+    """scaled_dot_product_attention defaults to 1/sqrt(q.size(-1)): once q/k dims go, pass the
+    original scale explicitly."""
+    for node in gm.graph.nodes:
+        att = plan.coupling.effects.get(node.name, None)
+        att = att.meta.get("attention") if att is not None else None
+        if att and plan.shrinks(plan.coupling.dim(att["q"]).id):
+            node.kwargs = {**node.kwargs, "scale": float(att["scale"])}
+            if len(node.args) > 6:
+                node.args = node.args[:6]
+
+
 def _rewrite_group_count(node: fx.Node, plan: Plan) -> None:
     """F.group_norm(x, num_groups, ...): whole groups went, so fewer groups."""
     from srfx.tracing import facts_of
@@ -250,6 +262,7 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
         if isinstance(module, nn.Module):
             _resize_module(module)
     _rewrite_shape_args(out, plan)
+    _pin_attention_scale(out, plan)
     if plan.compensations:  # the narrowed norms are only right once compensate_ln has run
         out.meta["srfx_pending_compensation"] = tuple(site.node for site in plan.compensations)
     out.graph.lint()

@@ -124,6 +124,8 @@ def compress(
         groups=removal.groups,
         max_rel_error=err,
         warnings=tuple(notes),
+        heads=removal.attention_heads(),
+        compensated_norms=len(removal.compensations),
     )
     for note in notes:
         warnings.warn(note, stacklevel=2)

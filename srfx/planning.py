@@ -71,6 +71,17 @@ class Plan:
     def shrinks(self, dim_id: int) -> bool:
         return len(self.keep(dim_id)) < self.coupling.dims[dim_id].size
 
+    def attention_heads(self) -> tuple[tuple[str, int, int], ...]:
+        """(attention node, heads before, heads after) for every scaled_dot_product_attention."""
+        out = []
+        for name, eff in self.coupling.effects.items():
+            att = eff.meta.get("attention")
+            if att:
+                v = self.coupling.dim(att["v"])
+                kept = self.kept_atoms[self.coupling.atoms(v)].reshape(v.sizes)
+                out.append((name, v.sizes[0], int(kept.any(1).sum())))
+        return tuple(out)
+
     @property
     def removes_anything(self) -> bool:
         return any(g.kept < g.channels for g in self.groups) or bool(self.gathers)
@@ -133,6 +144,53 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _Attention:
+    """One attention call: atoms of its q/k and v channels as (heads, dims) grids, and which
+    q/k dims may go (q is 0 there, or k is constant: softmax ignores a per-query shift)."""
+
+    qk: np.ndarray
+    v: np.ndarray
+    qk_free: np.ndarray
+
+
+def _attentions(coupling: Coupling, constants: Constants) -> list[_Attention]:
+    out = []
+    for eff in coupling.effects.values():
+        att = eff.meta.get("attention")
+        if not att:
+            continue
+        q, k, v = (coupling.dim(att[n]) for n in ("q", "k", "v"))
+        cq, ck = constants.of(q.id), constants.of(k.id)
+        free = ((cq == 0) | np.isfinite(ck)).reshape(q.sizes)
+        out.append(_Attention(coupling.atoms(q).reshape(q.sizes), coupling.atoms(v).reshape(v.sizes), free))
+    return out
+
+
+def _attend(attentions: list[_Attention], kept: np.ndarray, need: np.ndarray) -> None:
+    """A head's queries and keys are needed while its values are kept (a head whose values
+    all went, unread or constant, needs neither); q/k dims that are free may still go."""
+    for att in attentions:
+        heads = kept[att.v].any(1)
+        need[att.qk[heads][~att.qk_free[heads]]] = True
+
+
+def _head_mismatch(attentions: list[_Attention], kept: np.ndarray) -> list[int]:
+    """Atoms to keep so that q, k and v keep the same heads (their shapes must agree)."""
+    extra = []
+    for att in attentions:
+        if not kept[att.v].any():  # every head gone: keep one rather than emit zero-size attention
+            extra.append(att.v[0, 0])
+            continue
+        qk_heads, v_heads = kept[att.qk].any(1), kept[att.v].any(1)
+        qk_dims, v_dims = kept[att.qk].any(0), kept[att.v].any(0)
+        for h in np.nonzero(qk_heads & ~v_heads)[0]:
+            extra.append(att.v[h, int(np.argmax(v_dims)) if v_dims.any() else 0])
+        for h in np.nonzero(v_heads & ~qk_heads)[0]:
+            extra.append(att.qk[h, int(np.argmax(qk_dims)) if qk_dims.any() else 0])
+    return extra
+
+
 def _close(coupling: Coupling, need: np.ndarray, free: dict[int, np.ndarray]) -> np.ndarray:
     """Mixed channels go together (except those a compensated norm frees: ``free`` maps a
     norm's input dim to them); multi-axis dims keep a rectangular (product) shape."""
@@ -160,7 +218,7 @@ def _close(coupling: Coupling, need: np.ndarray, free: dict[int, np.ndarray]) ->
             return need
 
 
-def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_atoms: int, free: dict[int, np.ndarray]) -> np.ndarray:
+def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_atoms: int, free: dict[int, np.ndarray], attentions: list[_Attention]) -> np.ndarray:
     kept = np.ones(n_atoms, dtype=bool)
     while True:
         need = base.copy()
@@ -169,6 +227,9 @@ def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_at
             read = r.weight[rows].any(0)
             need[r.in_atoms[read & ~r.foldable]] = True
         need = _close(coupling, need, free)
+        if attentions:  # after the closure: values needed for themselves, not for their head's q/k
+            _attend(attentions, need.copy(), need)
+            need = _close(coupling, need, free)
         if np.array_equal(need, kept):
             return kept
         kept = need
@@ -189,17 +250,19 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
     for site in sites:  # two norms of one value: a channel is free only if both free it
         free[site.in_dim] = free.get(site.in_dim, site.removable) & site.removable
     readers = _readers(coupling, constants, sites)
+    attentions = _attentions(coupling, constants)
     params = constants._params
     conv_dims = [
         coupling.atoms(d) for d in coupling.dims
         if isinstance(d.ref.value, ParamKey) and params[d.ref.value.qualname].dim() >= 3 and d.size
     ]
     while True:
-        kept = _fixpoint(coupling, readers, base, n_atoms, free)
+        kept = _fixpoint(coupling, readers, base, n_atoms, free, attentions)
         # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger);
         # a norm keeps one too (its statistics need something to normalize)
         norm_dims = [coupling.atoms(coupling.dims[site.in_dim]) for site in sites]
         empty = [atoms[0] for atoms in conv_dims + norm_dims if len(atoms) and not kept[atoms].any()]
+        empty += [a for a in _head_mismatch(attentions, kept) if not base[a]]
         if not empty:
             break
         base[empty] = True

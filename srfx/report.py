@@ -78,6 +78,12 @@ class Report:
     groups: tuple  # of srfx.planning.GroupPlan
     max_rel_error: float | None
     warnings: tuple[str, ...] = ()
+    heads: tuple[tuple[str, int, int], ...] = ()  # (attention node, heads before, after)
+    compensated_norms: int = 0
+
+    @property
+    def heads_removed(self) -> int:
+        return sum(before - after for _, before, after in self.heads)
 
     @property
     def ratio(self) -> float:
@@ -92,6 +98,10 @@ class Report:
         text = tabulate(rows, headers=["", "before", "after", "ratio"])
         shrunk = [g for g in self.groups if g.kept < g.channels]
         text += f"\n{len(shrunk)} of {len(self.groups)} channel groups shrank"
+        if self.heads:
+            text += f"; {self.heads_removed} of {sum(b for _, b, _ in self.heads)} attention heads removed"
+        if self.compensated_norms:
+            text += f"; {self.compensated_norms} norms compensated"
         if self.max_rel_error is not None:
             text += f"; verified, max relative error {self.max_rel_error:.2e}"
         for w in self.warnings:

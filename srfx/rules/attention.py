@@ -2,8 +2,14 @@
 
 ``a @ b``: batch axes pass channels through, ``a``'s rows and ``b``'s columns reach the output,
 and the contracted axis is read as a whole (every channel is needed). Channel dims that span a
-batch axis *and* the contracted axis (attention heads after a heads reshape) are kept here;
-head removal is the attention pass's job (DESIGN §5).
+batch axis *and* the contracted axis (attention heads of a hand-written attention) are kept.
+
+``F.scaled_dot_product_attention(q, k, v)`` (DESIGN §5): the value channels (heads x value
+dims) pass to the output, each position a convex combination of v's (softmax rows sum to 1),
+so a constant value channel stays constant; q dim i and k dim i are contracted together. The
+planner (srfx.planning, ``meta["attention"]``) keeps a head's q/k while its values are kept,
+drops q/k dims where q is 0 or k is constant (softmax ignores a per-query shift), and the
+rewrite pins the original 1/sqrt(d) scale.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 from ..facts import Effects, Link
 from ..registry import ChannelRule, register_instance
 
-__all__ = ["MatMul", "KeepAll"]
+__all__ = ["MatMul", "KeepAll", "ScaledDotProductAttention"]
 
 
 class MatMul(ChannelRule):
@@ -64,6 +70,56 @@ class KeepAll(ChannelRule):
         return Effects(fixed=tuple((r, f"{node.name}: {self.why}") for r in refs))
 
 
+class ScaledDotProductAttention(ChannelRule):
+    name = "scaled_dot_product_attention"
+
+    def effects(self, node, env):
+        q, k, v = (env.arg(i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
+        tensors = [t for t in env.tensor_args()]
+        why_all = None
+        if any(env.shape(t) is None or len(env.shape(t)) != 4 for t in (q, k, v)):
+            why_all = "attention on other than (batch, heads, tokens, dims) tensors"
+        elif env.concrete(env.arg(7, "enable_gqa", False)) or env.shape(q)[1] != env.shape(k)[1]:
+            why_all = "grouped-query attention"
+        elif env.arg(6, "scale") is not None and not isinstance(env.concrete(env.arg(6, "scale")), (int, float)):
+            why_all = "a computed attention scale"
+        if why_all:
+            return Effects(fixed=tuple((r, f"{node.name}: {why_all}") for t in tensors for r in env.dims(t)))
+        links, needs, fixed, outs = [], [], [], {}
+        heads = {}
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            for r in env.dims(t):
+                if r.axes == (1, 3):
+                    heads[name] = r
+                elif r.axes == (2,) and name == "q":
+                    out = outs.setdefault((2,), env.out((2,)))
+                    links.append(Link(r, out))
+                elif r.axes == (2,):
+                    needs.append((r, f"{node.name}: attention reads every key and value token"))
+                else:
+                    fixed.append((r, f"{node.name}: channels on attention's batch or token axes"))
+        mask = env.arg(3, "attn_mask")
+        if mask is not None and hasattr(mask, "op"):
+            fixed += [(r, f"{node.name}: attention mask") for r in env.dims(mask)]
+        if set(heads) != {"q", "k", "v"}:
+            fixed += [(r, f"{node.name}: heads not split as (heads, dims)") for r in heads.values()]
+            return Effects(outputs=tuple(outs.values()), links=tuple(links), needs=tuple(needs), fixed=tuple(fixed))
+        out = env.out((1, 3))
+        outs[(1, 3)] = out
+        links += [Link(heads["v"], out), Link(heads["q"], heads["k"])]
+        scale = env.concrete(env.arg(6, "scale"))
+        meta = {"attention": {"q": heads["q"], "k": heads["k"], "v": heads["v"], "out": out,
+                              "scale": scale if scale is not None else env.shape(q)[3] ** -0.5}}
+        return Effects(outputs=tuple(outs.values()), links=tuple(links), needs=tuple(needs), fixed=tuple(fixed), meta=meta)
+
+    def constants(self, node, env, known):
+        """Softmax rows sum to 1: a constant value channel comes out unchanged."""
+        att = known.effects(node).meta.get("attention")
+        if not att:
+            return {}
+        return {att["out"]: known.value(att["v"])}
+
+
+register_instance(ScaledDotProductAttention(), F.scaled_dot_product_attention)
 register_instance(MatMul(), operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
-register_instance(KeepAll("scaled_dot_product_attention keeps its heads (head removal: attention pass)"), F.scaled_dot_product_attention)
 register_instance(KeepAll("nn.MultiheadAttention keeps its heads (head removal: attention pass)"), nn.MultiheadAttention)

@@ -1,0 +1,149 @@
+"""Issue 4, attention (DESIGN §5): dead heads leave with their q/k/v slices, q·k dims and value
+dims shrink separately, and the original 1/sqrt(d) scale is kept."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import srfx
+from helpers import assert_close, report
+
+
+class Attention(nn.Module):
+    """Separate q/k/v projections, heads split with view, F.scaled_dot_product_attention."""
+
+    def __init__(self, d=12, heads=3, dk=4, dv=5):
+        super().__init__()
+        self.heads, self.dk, self.dv = heads, dk, dv
+        self.q, self.k = nn.Linear(d, heads * dk), nn.Linear(d, heads * dk)
+        self.v, self.o = nn.Linear(d, heads * dv), nn.Linear(heads * dv, d)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.dk).transpose(1, 2)
+        k = self.k(x).view(b, n, self.heads, self.dk).transpose(1, 2)
+        v = self.v(x).view(b, n, self.heads, self.dv).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, n, self.heads * self.dv))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, dk, dv):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(d), Attention(d, heads, dk, dv)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+def _random(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _heads(head, width):
+    return list(range(head * width, (head + 1) * width))
+
+
+def test_dead_heads_and_dims_leave_and_the_scale_stays():
+    model = _random(Attention().double().eval(), 0)
+    with torch.no_grad():
+        model.q.weight[[0, 4, 8]] = 0  # q dim 0 is zero in every head ...
+        model.q.bias[[0, 4, 8]] = 0
+        model.k.weight[[1, 5, 9]] = 0  # ... k dim 1 is constant (its bias) in every head
+        model.v.weight[_heads(1, 5)] = 0  # head 1 outputs its value bias at every token
+        model.o.weight[:, [3, 8, 13]] = 0  # value dim 3 is never read
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    small = srfx.compress(model, x)
+    r = report(small)
+    assert (small.q.out_features, small.k.out_features) == (2 * 2, 2 * 2)  # 2 heads x 2 q·k dims
+    assert (small.v.out_features, small.o.in_features) == (2 * 4, 2 * 4)  # 2 heads x 4 value dims
+    assert r.heads == (("scaled_dot_product_attention", 3, 2),)
+    sdpa = next(n for n in small.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["scale"] == pytest.approx(4 ** -0.5)
+    y = torch.randn(3, 9, 12, dtype=torch.float64)
+    assert_close(model(y), small(y))
+
+
+def test_a_head_with_only_a_dead_query_is_kept():
+    """Zero queries make the head's softmax uniform: it still outputs the mean of its values,
+    so it cannot go. Removing it (zeroing its output columns) would change the output."""
+    model = _random(Attention().double().eval(), 1)
+    with torch.no_grad():
+        model.q.weight[_heads(2, 4)] = 0
+        model.q.bias[_heads(2, 4)] = 0
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    small = srfx.compress(model, x)
+    assert report(small).heads == (("scaled_dot_product_attention", 3, 3),)
+    assert_close(model(x), small(x))
+    without = _random(Attention().double().eval(), 1)
+    with torch.no_grad():
+        without.q.weight[_heads(2, 4)] = 0
+        without.q.bias[_heads(2, 4)] = 0
+        without.o.weight[:, _heads(2, 5)] = 0
+    assert (model(x) - without(x)).abs().max() > 1e-3
+
+
+@settings(deadline=None, max_examples=25)
+@given(heads=st.integers(1, 4), dk=st.integers(1, 4), dv=st.integers(1, 4), depth=st.integers(1, 2), data=st.data())
+def test_random_attention_blocks_stay_exact(heads, dk, dv, depth, data):
+    d = 6
+    model = _random(nn.Sequential(*[Block(d, heads, dk, dv) for _ in range(depth)]).double().eval(), data.draw(st.integers(0, 999)))
+    with torch.no_grad():
+        for block in model:
+            a = block.attn
+            for h in data.draw(st.sets(st.integers(0, heads - 1))):  # value-dead heads
+                a.v.weight[_heads(h, dv)] = 0
+            for h in data.draw(st.sets(st.integers(0, heads - 1))):  # unread heads
+                a.o.weight[:, _heads(h, dv)] = 0
+            for i in data.draw(st.sets(st.integers(0, dk - 1))):  # zero query dims, every head
+                rows = [h * dk + i for h in range(heads)]
+                a.q.weight[rows] = 0
+                a.q.bias[rows] = 0
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    small = srfx.compress(model, x)
+    y = torch.randn(3, 7, d, dtype=torch.float64)
+    assert_close(model(y), small(y))
+    again = srfx.compress(small, x)
+    assert report(again).params_after == report(again).params_before  # idempotent
+
+
+def test_rewritten_attention_runs_under_export_and_compile():
+    model = _random(Attention().eval(), 2)
+    with torch.no_grad():
+        model.o.weight[:, _heads(0, 5)] = 0
+    x = torch.randn(2, 6, 12)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 1
+    assert_close(model(x), torch.export.export(small, (x,)).module()(x))
+    assert_close(model(x), torch.compile(small)(x))
+
+
+timm = pytest.importorskip("timm")
+
+
+def test_timm_vit_heads_leave():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5).eval()
+    hd, d = 64, 192
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.5)  # nonzero biases: a value-dead head outputs a real constant
+        model.blocks[0].attn.qkv.weight[2 * d + hd : 2 * d + 2 * hd] = 0  # block 0, head 1: value-dead
+        model.blocks[1].attn.proj.weight[:, 2 * hd : 3 * hd] = 0  # block 1, head 2: unread
+    x = torch.randn(2, 3, 32, 32)
+    small = srfx.compress(model, x)
+    r = report(small)
+    assert r.heads_removed == 2
+    assert small.get_submodule("blocks.0.attn.qkv").out_features == 3 * 2 * hd
+    assert small.get_submodule("blocks.1.attn.proj").in_features == 2 * hd
+    y = torch.randn(2, 3, 32, 32)
+    assert_close(model(y), small(y))
