@@ -33,7 +33,7 @@ from .coupling import Coupling
 from .facts import Ref, Role, ValueKey
 from .tracing import facts_of
 
-__all__ = ["NormSite", "compensable_norms"]
+__all__ = ["NormSite", "Absorption", "norm_absorption", "compensable_norms"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,7 +122,7 @@ def _is_shape_query(node: fx.Node) -> bool:
     )
 
 
-def _absorbing_readers(coupling: Coupling, constants, norm: fx.Node, out_atoms: np.ndarray):
+def _absorbing_readers(coupling: Coupling, params: dict, norm: fx.Node, out_atoms: np.ndarray):
     """The readers that absorb every use of ``norm``'s output and the channel-count reads to
     patch, or () and the reason why not."""
     gm = coupling.graph_module
@@ -146,7 +146,7 @@ def _absorbing_readers(coupling: Coupling, constants, norm: fx.Node, out_atoms: 
                 shape = facts.shape if facts is not None and facts.shapes else None
                 reads = _size_reads(user, axis, len(shape)) if axis is not None and shape is not None else None
                 if reads is None:
-                    return (), f"{user.format_node()} reads its whole shape", ()
+                    return (), f"{user.name} reads its whole shape", ()
                 sizes += [(r.name, len(out_atoms)) for r in reads]
                 continue
             role = readers_by_node.get(user.name)
@@ -157,40 +157,64 @@ def _absorbing_readers(coupling: Coupling, constants, norm: fx.Node, out_atoms: 
                     return (), f"{user.name} reads it other than as its input", ()
                 if calls.get(role.owner, 1) != 1 or role.weight in tied:
                     return (), f"{role.owner} is shared (called more than once or tied)", ()
-                w = constants.param(role.weight) if role.weight else None
+                w = params.get(role.weight) if role.weight else None
                 if w is None or w.dim() < 2 or w.shape[1] != len(out_atoms):
                     return (), f"{user.name} is a grouped reader", ()
                 found.append(role)
                 continue
             tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr"]
             if not _transparent(user, modules) or tensor_inputs != [value] or not _same_channels(coupling, user, out_atoms):
-                return (), f"{user.format_node()} uses its output", ()
+                return (), f"{user.name} uses its output", ()
             todo.append(user)
     return tuple(found), None, tuple(sizes)
 
 
-def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
-    """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free."""
+@dataclass(frozen=True)
+class Absorption:
+    """What the structure alone says about one norm: its in/out dims, and the readers that
+    absorb its output (``why_not`` when some use cannot)."""
+
+    node: str
+    owner: str
+    in_dim: int
+    out_dim: int
+    readers: tuple[Role, ...]
+    why_not: Optional[str]
+    size_reads: tuple[tuple[str, int], ...]
+
+
+def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
+    """Every LayerNorm/RMSNorm over one channel axis, and whether its readers could absorb
+    removed channels (for ``show_groups``; the plan adds which channels are constant)."""
     gm = coupling.graph_module
     nodes = {n.name: n for n in gm.graph.nodes}
-    sites = []
+    params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    found = []
     for name, eff in coupling.effects.items():
         if eff.meta.get("norm") not in ("layer", "rms") or not eff.mixes:
             continue
         in_ref = eff.mixes[0].ref
         if in_ref not in coupling.index or len(in_ref.axes) != 1:
             continue
-        in_dim = coupling.dim(in_ref)
-        node = nodes[name]
         out_dims = [d for d in coupling.dims_of_value(ValueKey(name)) if d.ref.axes == in_ref.axes]
         if not out_dims:
             continue
-        out_dim = out_dims[0]
+        readers, why, sizes = _absorbing_readers(coupling, params, nodes[name], coupling.atoms(out_dims[0]))
+        found.append(Absorption(name, eff.meta.get("owner", name), coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes))
+    return tuple(found)
+
+
+def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
+    """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free."""
+    sites = []
+    for norm in norm_absorption(coupling):
+        name, in_dim, out_dim = norm.node, coupling.dims[norm.in_dim], coupling.dims[norm.out_dim]
+        eff = coupling.effects[name]
         c = constants.of(in_dim.id)
         if not np.isfinite(c).any():
             continue
         out_const = constants.of(out_dim.id)
-        readers, why, sizes = _absorbing_readers(coupling, constants, node, coupling.atoms(out_dim))
+        readers, why, sizes = norm.readers, norm.why_not, norm.size_reads
         absorbed = np.ones(len(c), dtype=bool) if why is None else ~np.isnan(out_const)
         sites.append(NormSite(
             name, eff.meta["norm"] == "layer", in_dim.id, out_dim.id, c, np.isfinite(c) & absorbed,

@@ -19,6 +19,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .api import analyze as _analyze
+from .compensation import norm_absorption
 from .coupling import Coupling, Dim, Group
 from .errors import SrfxError
 from .facts import ValueKey
@@ -26,7 +27,7 @@ from .models import load_model, parse_shape
 
 __all__ = [
     "load_model", "parse_shape", "analyze", "visible_groups", "group_rows", "groups_json",
-    "needed", "summary", "render_table", "atom_order", "format_slices", "group_detail", "render_detail", "main",
+    "needed", "compensation", "summary", "render_table", "atom_order", "format_slices", "group_detail", "render_detail", "main",
 ]
 
 HEADERS = ["id", "channels", "writers", "readers", "per-channel ops", "shrinkable"]
@@ -64,9 +65,35 @@ def _first(label: str, reasons: Sequence[str]) -> str:
     return f"\n{label}: {reasons[0]}{more}" if reasons else ""
 
 
+def compensation(coupling: Coupling, group: Group) -> dict:
+    """The group's LayerNorm/RMSNorm owners that compensate_ln can narrow (their channels
+    leave when constant at the norm's input) and those it cannot, with why."""
+    members = set(group.dims)
+    able, blocked = [], {}
+    for norm in norm_absorption(coupling):
+        if norm.in_dim in members:
+            if norm.why_not is None:
+                able.append(norm.owner)
+            else:
+                blocked[norm.owner] = norm.why_not
+    return {"norms": able, "blocked": blocked}
+
+
+def _compensation_text(coupling: Coupling, group: Group) -> str:
+    comp = compensation(coupling, group)
+    total = len(comp["norms"]) + len(comp["blocked"])
+    if not total:
+        return ""
+    text = f"\ncompensable: {len(comp['norms'])} of {total} norms (compensate_ln)"
+    if comp["blocked"]:
+        owner, why = next(iter(comp["blocked"].items()))
+        text += f"; not {owner}: {why} (only gamma = 0 channels leave there)"
+    return text
+
+
 def _shrinkable(coupling: Coupling, group: Group) -> str:
     text = "yes" if group.fixed is None else f"no: {group.fixed}"
-    return text + _first("mixed", group.mixed) + _first("kept", needed(coupling, group))
+    return text + _first("mixed", group.mixed) + _compensation_text(coupling, group) + _first("kept", needed(coupling, group))
 
 
 def group_rows(coupling: Coupling, show_all: bool = False) -> list[list]:
@@ -89,6 +116,7 @@ def groups_json(coupling: Coupling, show_all: bool = False) -> list[dict]:
             "prunable": g.prunable,
             "reason": g.fixed,
             "mixed": list(g.mixed),
+            "compensable": compensation(coupling, g),
             "needed": list(needed(coupling, g)),
         }
         for g in visible_groups(coupling, show_all)

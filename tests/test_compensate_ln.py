@@ -315,3 +315,15 @@ def test_timm_swin_is_exact_but_keeps_its_streams():
     plan = srfx.plan(model, x)
     stream = [s for s in plan.coupling.graph_module.graph.nodes if s.name == "layers_0_blocks_0_norm1"]
     assert stream and not any(site.node == "layers_0_blocks_0_norm1" for site in plan.compensations)
+
+
+def test_show_groups_tells_which_streams_compensation_can_narrow():
+    from srfx.groups_view import analyze, groups_json
+
+    groups = groups_json(analyze(timm.create_model("convnext_atto", pretrained=False), (1, 3, 64, 64)))
+    stem = next(g for g in groups if "stem.0" in g["writers"])
+    stage1 = next(g for g in groups if "stages.1.downsample.1" in g["writers"])
+    assert stage1["compensable"] == {"norms": ["stages.1.blocks.0.norm", "stages.1.blocks.1.norm", "stages.2.downsample.0"], "blocked": {}}
+    # stem.1's output is the stream itself (residual adds, depthwise convs): only gamma = 0 channels leave it
+    assert list(stem["compensable"]["blocked"]) == ["stem.1"]
+    assert "stages.0.blocks.0.norm" in stem["compensable"]["norms"]
