@@ -1,4 +1,5 @@
 """One test (or a few) per channel rule: what it couples, reads, writes, mixes or keeps."""
+import pytest
 import numpy as np
 import torch
 import torch.nn as nn
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 import srfx
 from srfx.facts import ValueKey
 from srfx.registry import lookup
+from helpers import assert_close
 
 
 class Wrap(nn.Module):
@@ -252,3 +254,20 @@ def test_functional_linear_with_keyword_arguments_in_any_order():
         m.w[:, :4] = 0
     small = srfx.compress(m.eval(), torch.randn(5, 4))
     assert small.a.out_features == 4 and small.w.shape == (3, 4)
+
+
+@pytest.mark.parametrize("pad", [nn.ConstantPad2d(1, 0.5), nn.ZeroPad2d((1, 0, 2, 0)), nn.ReflectionPad2d(1), nn.ReplicationPad2d(1)])
+def test_padding_modules_are_per_channel(pad):
+    """Padding modules pass channels through; a constant channel stays constant only where the
+    padding repeats it (reflect, replicate) or pads with the same value."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), pad, nn.Conv2d(6, 4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[[1, 4]] = 0  # constant channels (their bias)
+        model[0].bias[4] = 0.5 if type(pad) is nn.ConstantPad2d else 0.0  # matches the pad value
+        model[0].bias[1] = 0.7
+        model[2].weight[:, 2] = 0  # unread
+    x = torch.randn(1, 3, 5, 5)
+    small = srfx.compress(model, x)
+    expected = {"ConstantPad2d": 4, "ZeroPad2d": 4, "ReflectionPad2d": 3, "ReplicationPad2d": 3}[type(pad).__name__]
+    assert small.get_submodule("0").out_channels == expected
+    assert_close(model(x), small(x))

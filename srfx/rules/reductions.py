@@ -30,6 +30,12 @@ def _padded_axes(node, env) -> set[int]:
     return set(range(n - len(pad) // 2, n))
 
 
+def _module_padded_axes(node, env) -> set[int]:
+    """nn.ConstantPad2d and friends: ``padding`` holds two numbers per padded (last) axis."""
+    n = len(env.shape(env.tensor_args()[0]))
+    return set(range(n - len(env.module().padding) // 2, n))
+
+
 def _reduced_axes(node, env) -> set[int]:
     n = len(env.shape(env.tensor_args()[0]))
     dim = env.concrete(env.arg(1, "dim", None))
@@ -128,5 +134,10 @@ _POOLS = [
 ]
 register_instance(PerChannel(_spatial_axes), *_POOLS)
 register_instance(PerChannel(_padded_axes), F.pad)
+_PAD_MODULES = [
+    getattr(nn, f"{kind}Pad{d}d") for kind in ("Constant", "Zero", "Reflection", "Replication", "Circular") for d in (1, 2, 3)
+    if hasattr(nn, f"{kind}Pad{d}d")
+]
+register_instance(PerChannel(_module_padded_axes), *_PAD_MODULES)
 register_instance(PerChannel(_reduced_axes, reduces=True), "mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin)
 register_instance(Softmax(), F.softmax, "softmax", torch.softmax, nn.Softmax, F.log_softmax, "log_softmax", nn.LogSoftmax)
