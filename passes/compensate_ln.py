@@ -50,16 +50,23 @@ def _rows_kept(plan: Plan, weight: str) -> torch.Tensor:
     return torch.as_tensor(plan.keep(dim.id), dtype=torch.long)
 
 
-def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: dict, gm: fx.GraphModule, emit=None):
-    """Per reader: its compensated weight and bias (rows as minimize left them)."""
+def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: dict, gm: fx.GraphModule, prior_norm, emit=None):
+    """Per reader: its compensated weight and bias (rows as minimize left them). A norm that
+    was compensated before (``prior_norm``) adds the new removals to the u/v columns it has."""
     gamma = original[site.weight] if site.weight else None
     beta = original[site.bias] if site.bias else None
     out = []
     for role in site.readers:
         rows = _rows_kept(plan, role.weight)
         w = original[role.weight].detach().index_select(0, rows)
+        prior = (None, None)
+        if prior_norm is not None:
+            k = prior_norm.kept
+            u = w[:, k : k + 1] if prior_norm.emit_u else None
+            v = w[:, k + int(prior_norm.emit_u) : k + prior_norm.extra_channels] if prior_norm.emit_v else None
+            w, prior = w[:, :k], (u, v)
         bias_now = _get(gm, role.bias) if role.bias else None
-        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit)
+        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit, prior=prior)
         out.append((role, comp))
     return out
 
@@ -126,6 +133,22 @@ def _patch_size_reads(gm: fx.GraphModule, site: NormSite) -> None:
         gm.graph.erase_node(node)
 
 
+def _narrowed(plan: Plan, site: NormSite, keep, gamma, beta, emit_u: bool, emit_v: bool, prior) -> CompensatedLayerNorm:
+    """The norm over ``keep``: from the original norm, or from an earlier compensated one
+    (same total count; the removed constants' sums grow)."""
+    if prior is None:
+        total = plan.coupling.dims[site.in_dim].size
+        return CompensatedLayerNorm.from_parts(total, keep, site.constants, site.eps, gamma, beta, emit_u, emit_v, -1, site.centered)
+    removed = torch.ones(prior.kept, dtype=torch.bool)
+    removed[keep] = False
+    c = torch.as_tensor(site.constants, dtype=torch.float64)[removed]
+    return CompensatedLayerNorm(
+        len(keep), prior.total, prior.removed_sum + c.sum().item(), prior.removed_sq_sum + (c * c).sum().item(), prior.eps,
+        gamma.detach()[keep] if gamma is not None else None, beta.detach()[keep] if beta is not None else None,
+        emit_u, emit_v, prior.channel_dim, prior.centered,
+    )
+
+
 def compensate_ln(gm: fx.GraphModule, plan: Plan) -> PassResult:
     """Finish ``minimize(graph, plan)`` for the norms ``plan.compensations`` narrows (in place
     on ``gm``, the module minimize returned: it is minimize's own copy)."""
@@ -134,16 +157,20 @@ def compensate_ln(gm: fx.GraphModule, plan: Plan) -> PassResult:
     if gm is plan.coupling.graph_module:
         raise RewriteError("compensate_ln runs on the module minimize returned, not on the planned one")
     original = {**dict(plan.coupling.graph_module.named_parameters(remove_duplicate=False)), **dict(plan.coupling.graph_module.named_buffers())}
+    nodes = {n.name: n for n in plan.coupling.graph_module.graph.nodes}
     for i, site in enumerate(plan.compensations):
         keep = torch.as_tensor(plan.keep(site.in_dim), dtype=torch.long)
-        first = _reader_columns(plan, site, keep, original, gm)
-        emit_u = any(c.emit_u for _, c in first)
-        emit_v = any(c.emit_v for _, c in first)
-        readers = _reader_columns(plan, site, keep, original, gm, emit=(emit_u, emit_v))
+        prior = plan.coupling.graph_module.get_submodule(nodes[site.node].target) if site.compensated else None
+        first = _reader_columns(plan, site, keep, original, gm, prior)
+        if site.readers:
+            emit_u = any(c.emit_u for _, c in first)
+            emit_v = any(c.emit_v for _, c in first)
+        else:  # nobody absorbs: only gamma = 0 channels went, the emitted channels stay as they were
+            emit_u, emit_v = (prior.emit_u, prior.emit_v) if prior is not None else (False, False)
+        readers = _reader_columns(plan, site, keep, original, gm, prior, emit=(emit_u, emit_v))
         gamma = original[site.weight] if site.weight else None
         beta = original[site.bias] if site.bias else None
-        total = plan.coupling.dims[site.in_dim].size
-        norm = CompensatedLayerNorm.from_parts(total, keep, site.constants, site.eps, gamma, beta, emit_u, emit_v, -1, site.centered)
+        norm = _narrowed(plan, site, keep, gamma, beta, emit_u, emit_v, prior)
         if gamma is not None:
             norm.weight.requires_grad_(gamma.requires_grad)
         if beta is not None:

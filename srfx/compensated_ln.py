@@ -48,6 +48,9 @@ class CompensatedLayerNorm(nn.Module):
         self.emit_u, self.emit_v, self.centered = emit_u, emit_v, centered
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        # one entry per emitted channel (not a weight: integers, not counted as stored size);
+        # the channel rule ties the emitted channels to it so that a later compress keeps them
+        self.register_buffer("emitted", torch.arange(int(emit_u) + int(emit_v)))
 
     @property
     def extra_channels(self) -> int:
@@ -120,7 +123,7 @@ class ReaderCompensation:
     emit_v: bool
 
 
-def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None) -> ReaderCompensation:
+def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None, prior=(None, None)) -> ReaderCompensation:
     """A linear reader ``y = W n + b`` of a LayerNorm's output, rewritten for the kept channels.
     ``weight`` reads channels on axis 1 (Linear ``(out, in)``, or a conv ``(out, in, *kernel)``
     without zero padding, where u and v are maps like any channel).
@@ -129,7 +132,9 @@ def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0
     column ``a = W_R (gamma_R c_R)`` for u, ``-W_R gamma_R`` for v, and ``b += W_R beta_R``
     (summed over the kernel). An RMSNorm (``centered=False``) has no v. A column that is zero
     is not emitted (``tol`` treats tiny ones as zero: 0 keeps it exact), unless ``emit``
-    = (u, v) says which columns the norm emits (several readers share one norm).
+    = (u, v) says which columns the norm emits (several readers share one norm). ``prior``
+    holds the reader's u and v columns from an earlier compensation of the same norm (the
+    new removals add to them).
     """
     d = weight.shape[1]
     keep = torch.as_tensor(keep, dtype=torch.long)
@@ -143,6 +148,10 @@ def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0
     a = torch.tensordot(w_r, g[removed] * c[removed], dims=([1], [0])).unsqueeze(1)
     v_col = -torch.tensordot(w_r, g[removed], dims=([1], [0])).unsqueeze(1)
     shift = torch.tensordot(w_r, be[removed], dims=([1], [0])).reshape(weight.shape[0], -1).sum(1)
+    if prior[0] is not None:
+        a = a + prior[0].detach().double()
+    if prior[1] is not None:
+        v_col = v_col + prior[1].detach().double()
     new_bias = (bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)) + shift
     emit_u = bool((a.abs() > tol).any()) if emit is None else emit[0]
     emit_v = (centered and bool((v_col.abs() > tol).any())) if emit is None else emit[1]

@@ -57,6 +57,13 @@ class NormSite:
     readers: tuple[Role, ...]
     why_not_readers: Optional[str] = None
     size_reads: tuple[tuple[str, int], ...] = ()  # (node, original size): channel counts read off the output
+    compensated: bool = False  # already a CompensatedLayerNorm (its emitted channels follow the kept ones)
+    out_size: int = 0
+
+    @property
+    def removable_out(self) -> np.ndarray:
+        """``removable`` along the output dim (a compensated norm's emitted channels stay)."""
+        return np.concatenate([self.removable, np.zeros(self.out_size - len(self.removable), dtype=bool)])
 
 
 # Ops that move data without mixing channels, and act the same on every channel (so a removed
@@ -191,7 +198,7 @@ def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
     params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     found = []
     for name, eff in coupling.effects.items():
-        if eff.meta.get("norm") not in ("layer", "rms") or not eff.mixes:
+        if eff.meta.get("norm") not in ("layer", "rms", "compensated") or not eff.mixes:
             continue
         in_ref = eff.mixes[0].ref
         if in_ref not in coupling.index or len(in_ref.axes) != 1:
@@ -216,8 +223,15 @@ def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
         out_const = constants.of(out_dim.id)
         readers, why, sizes = norm.readers, norm.why_not, norm.size_reads
         absorbed = np.ones(len(c), dtype=bool) if why is None else ~np.isnan(out_const)
+        compensated = eff.meta["norm"] == "compensated"
+        if compensated:
+            module = coupling.graph_module.get_submodule(eff.meta["owner"])
+            centered, absorbed = module.centered, absorbed[: in_dim.size]
+        else:
+            centered = eff.meta["norm"] == "layer"
         sites.append(NormSite(
-            name, eff.meta["norm"] == "layer", in_dim.id, out_dim.id, c, np.isfinite(c) & absorbed,
+            name, centered, in_dim.id, out_dim.id, c, np.isfinite(c) & absorbed,
             eff.meta.get("weight"), eff.meta.get("bias"), eff.meta.get("eps"), readers, why, sizes,
+            compensated, out_dim.size,
         ))
     return tuple(sites)

@@ -117,7 +117,7 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
     absorbs = {}
     for site in sites:
         for role in site.readers:
-            absorbs[role.node] = site.removable
+            absorbs[role.node] = site.removable_out
     out = []
     for role in coupling.roles:
         if role.kind != "reader" or role.fold is None:

@@ -53,7 +53,19 @@ def _timm_leaves() -> tuple[list[type], list[Any]]:
     return list(get_notrace_modules()), list(get_notrace_functions())
 
 
-class _LeafTracer(fx.Tracer):
+def _srfx_leaf_types() -> tuple[type, ...]:
+    from .compensated_ln import CompensatedLayerNorm
+
+    return (CompensatedLayerNorm,)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        # srfx's own modules (CompensatedLayerNorm) have channel rules: keep them whole
+        return isinstance(m, _srfx_leaf_types()) or super().is_leaf_module(m, qualname)
+
+
+class _LeafTracer(_Tracer):
     def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Any]):
         super().__init__(autowrap_functions=tuple(f for f in autowrap_functions if callable(f)))
         self._leaf_types = tuple(leaf_modules)
@@ -145,7 +157,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     inputs = normalize_inputs(example_input)
     failures = []
     leaf_modules, leaf_functions = _timm_leaves()
-    attempts = [("fx", lambda: fx.Tracer())]
+    attempts = [("fx", lambda: _Tracer())]
     if leaf_modules or leaf_functions:
         attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
     for front_end, make_tracer in attempts:

@@ -327,3 +327,27 @@ def test_show_groups_tells_which_streams_compensation_can_narrow():
     # stem.1's output is the stream itself (residual adds, depthwise convs): only gamma = 0 channels leave it
     assert list(stem["compensable"]["blocked"]) == ["stem.1"]
     assert "stages.0.blocks.0.norm" in stem["compensable"]["norms"]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_compensated_stream_narrows_again_in_the_next_cycle(rms):
+    """Squeeze-Release compresses compressed models: a CompensatedLayerNorm is traced as a leaf
+    with its own rule, keeps its emitted u/v channels, and lets more stream channels go."""
+    torch.manual_seed(3)
+    model = TinyTransformer(10, 16, 2, rms, "token").double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for w in [model.embed] + [b.fc2 for b in model.blocks]:
+            w.weight[[1, 7]] = 0
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    once = srfx.compress(model, x)
+    with torch.no_grad():  # the next cycle's pruning kills two more stream channels (kept indices 0 and 4)
+        for w in [once.embed] + [once.get_submodule(f"blocks.{i}.fc2") for i in range(2)]:
+            w.weight[[0, 4]] = 0
+    twice = srfx.compress(once, x)
+    norms = _norms(twice)
+    assert len(norms) == 3 and all(n.kept == 6 and n.total == 10 for n in norms.values())
+    y = torch.randn(3, 4, 6, dtype=torch.float64)
+    assert_close(once(y), twice(y))
+    assert report(srfx.compress(twice, x)).params_after == report(twice).params_after

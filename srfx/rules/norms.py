@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compensated_ln import CompensatedLayerNorm
 from ..facts import Effects, Link, Mix, Role
 from ..registry import ChannelRule, register_instance
 from .common import call_with, per_channel_constant, probe
 
-__all__ = ["BatchNormRule", "LayerNormRule", "GroupNormRule"]
+__all__ = ["BatchNormRule", "LayerNormRule", "CompensatedLayerNormRule", "GroupNormRule"]
 
 
 def _affine_params(node, env, names):
@@ -170,6 +171,55 @@ class LayerNormRule(ChannelRule):
         return {env.out((n - 1,)): np.where(w == 0, shift, np.nan)}
 
 
+class CompensatedLayerNormRule(ChannelRule):
+    """srfx's own CompensatedLayerNorm (a leaf when tracing): its first ``kept`` output channels
+    are its input channels; the emitted u/v channels after them are tied to its ``emitted``
+    buffer and fixed. Its statistics mix the kept channels, and a later compensate_ln can
+    narrow it further (``meta["norm"] = "compensated"``)."""
+
+    name = "compensated_layer_norm"
+
+    def effects(self, node, env):
+        m = env.module()
+        x = env.tensor_args()[0]
+        n = len(env.shape(x))
+        axis = m.channel_dim % n
+        x_ch, out = env.dim_at(x, (axis,)), env.out((axis,))
+        kept = np.arange(m.kept)
+        links = [Link(x_ch, out, (kept, kept))]
+        outs = [out]
+        for r in env.dims(x):
+            if r.axes != (axis,):
+                outs.append(env.out(r.axes))
+                links.append(Link(r, outs[-1]))
+        for name in ("weight", "bias"):
+            if getattr(m, name) is not None:
+                links.append(Link(out, env.param_ref(f"{node.target}.{name}", 0), (kept, kept)))
+        needs = ()
+        if m.extra_channels:  # needed (kept), but only they: the stream's other channels may go
+            emitted = env.param_ref(f"{node.target}.emitted", 0)
+            extra = np.arange(m.extra_channels)
+            links.append(Link(out, emitted, (m.kept + extra, extra)))
+            needs = ((emitted, f"{node.target}: u/v channels a compensated norm emits"),)
+        kind = "LayerNorm" if m.centered else "RMSNorm"
+        mix = Mix(x_ch, np.zeros(m.kept, dtype=np.int64), f"{node.target}: compensated {kind} statistics read all {m.kept} channels")
+        meta = {
+            "norm": "compensated", "weight": f"{node.target}.weight" if m.weight is not None else None,
+            "bias": f"{node.target}.bias" if m.bias is not None else None, "eps": m.eps, "owner": node.target,
+        }
+        roles = (Role("op", out, node.target, node.name),)
+        return Effects(outputs=tuple(outs), links=tuple(links), roles=roles, mixes=(mix,), needs=needs, meta=meta)
+
+    def constants(self, node, env, known):
+        m = env.module()
+        if m.weight is None:
+            return {}
+        w = m.weight.detach().double().numpy()
+        shift = m.bias.detach().double().numpy() if m.bias is not None else np.zeros_like(w)
+        vals = np.concatenate([np.where(w == 0, shift, np.nan), np.full(m.extra_channels, np.nan)])
+        return {env.out((m.channel_dim % len(env.shape(env.tensor_args()[0])),)): vals}
+
+
 class GroupNormRule(ChannelRule):
     """nn.GroupNorm and F.group_norm (timm's GroupNormAct): channels of one group go together;
     the rewrite lowers the group count (module attribute or the call's num_groups)."""
@@ -199,3 +249,4 @@ class GroupNormRule(ChannelRule):
 register_instance(BatchNormRule(), nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)
 register_instance(LayerNormRule(), nn.LayerNorm, F.layer_norm, *( [nn.RMSNorm, F.rms_norm] if hasattr(nn, "RMSNorm") else []))
 register_instance(GroupNormRule(), nn.GroupNorm, F.group_norm)
+register_instance(CompensatedLayerNormRule(), CompensatedLayerNorm)
