@@ -5,6 +5,7 @@
     >>> print(small.meta["srfx_report"])                   # doctest: +SKIP
 """
 from .api import REPORT_KEY, analyze, compress, plan
+from .backend import Backend  # torch.compile(model, backend="srfx") or backend=srfx.Backend()
 from .coupling import Coupling, Group, coupling_groups
 from .errors import InputError, RewriteError, SrfxError, TraceError, VerificationError
 from .planning import Plan, plan_removal
@@ -13,7 +14,7 @@ from .tracing import trace
 
 __all__ = [
     "compress", "analyze", "plan", "trace", "coupling_groups", "plan_removal",
-    "Coupling", "Group", "Plan", "Report", "REPORT_KEY",
+    "Coupling", "Group", "Plan", "Report", "REPORT_KEY", "Backend",
     "SrfxError", "TraceError", "InputError", "VerificationError", "RewriteError",
 ]
 __version__ = "0.1.0"
