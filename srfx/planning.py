@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tabulate import tabulate
 
 from .compensation import NormSite, compensable_norms
@@ -114,6 +115,7 @@ class _Reader:
 
 
 def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ...] = ()) -> list[_Reader]:
+    modules = dict(coupling.graph_module.named_modules())
     absorbs = {}
     for site in sites:
         for role in site.readers:
@@ -136,6 +138,8 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
             nz = full
         c = constants.of(in_dim.id)
         foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
+        if role.bias is None and not isinstance(modules.get(role.owner), (nn.Linear, nn.modules.conv._ConvNd)):
+            foldable &= c == 0  # a functional layer without a bias has nowhere to fold a constant
         compensated = role.node in absorbs
         if compensated:
             foldable = foldable | absorbs[role.node]

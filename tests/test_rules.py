@@ -271,3 +271,32 @@ def test_padding_modules_are_per_channel(pad):
     expected = {"ConstantPad2d": 4, "ZeroPad2d": 4, "ReflectionPad2d": 3, "ReplicationPad2d": 3}[type(pad).__name__]
     assert small.get_submodule("0").out_channels == expected
     assert_close(model(x), small(x))
+
+
+class _FunctionalConvs(nn.Module):
+    """Convs called as functions on parameters held by the module (no nn.Conv2d)."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8))
+        self.w2, self.pad = nn.Parameter(torch.randn(4, 8, 3, 3)), pad
+        with torch.no_grad():
+            self.w1[:3] = 0  # three constant channels relu(b1)
+            self.w2[:, 5] = 0  # one unread channel
+
+    def forward(self, x):
+        y = F.relu(torch.conv2d(x, self.w1, self.b1, 1, self.pad))
+        return torch.conv2d(y, self.w2, None, 1, self.pad)
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_functional_conv_keeps_its_kernel_and_folds_only_where_it_can(pad):
+    """Kernel axes of a get_attr weight are no channels; a bias-less functional reader has no
+    bias to fold a nonzero constant into, so only zero constants and unread channels go."""
+    model = _FunctionalConvs(pad).eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = srfx.compress(model, x)
+    assert small.w1.shape[2:] == (3, 3) and small.w2.shape[2:] == (3, 3)
+    constant_zero = int((F.relu(model.b1[:3]) == 0).sum())
+    assert small.w2.shape[1] == 8 - 1 - constant_zero
+    assert_close(model(x), small(x))

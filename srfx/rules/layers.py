@@ -99,8 +99,11 @@ class WeightedLayer(ChannelRule):
         x_in, out = env.dim_at(x, (ch_in,)), env.out((ch_in,))
         # a functional layer's get_attr weight/bias dims are tied to the parameter dims linked below
         weight_args = [a for a in env.tensor_args() if a is not x and env.param_name(a) is not None]
-        meta = {"untouched": tuple(r for a in weight_args for r in env.dims(a))}
         w_in, w_out = (0, 1) if spec.kind == "conv_transpose" else (1, 0)
+        # ... but a kernel axis is no channel: nothing may slice it
+        kernel = f"{node.name}: kernel axis of its weight"
+        spatial += tuple((r, kernel) for a in weight_args for r in env.dims(a) if not set(r.axes) <= {w_in, w_out})
+        meta = {"untouched": tuple(r for a in weight_args for r in env.dims(a) if set(r.axes) <= {w_in, w_out})}
         param = env.param_ref
         outs.append(out)
         out_links = [Link(out, param(spec.weight, w_out))]
