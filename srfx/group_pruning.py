@@ -1,0 +1,110 @@
+"""Structured masks from srfx's own coupling groups: prune whole channels (atoms) at once.
+
+Unstructured masks leave compacted matrices a few percent dense; minimize then finds little.
+A channel leaves a network only when *every* tensor slice tied to it is dead: the writers'
+rows, the readers' columns, the per-channel convs in between (ConvNeXt's depthwise kernels),
+and the norm scales of a stream a norm writes. The coupling analysis knows those slices:
+every parameter axis is a dim, and its indices map to atoms (the units that live or die
+together). So this pruner scores each atom by the root-mean-square of the Linear/Conv weight
+entries it owns and masks the weakest atoms whole, every parameter slice of theirs (biases,
+norm scales and shifts, layer scales too), until the requested fraction of Linear/Conv weights
+is masked. After it, :func:`srfx.compress` removes each pruned atom exactly: it is zero
+everywhere, so it is unread, and free to leave even a LayerNorm stream.
+
+    >>> masks = group_masks(model, x, 0.5)                           # doctest: +SKIP
+    >>> SqueezeRelease(model, x, train, evaluate, pruner=group_pruner(x))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .api import analyze
+from .facts import ParamKey
+
+__all__ = ["group_masks", "group_pruner", "atom_slices"]
+
+
+def _prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    names = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            names[f"{mname}.weight" if mname else "weight"] = m.weight
+    return names
+
+
+def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[str, int, int]]]:
+    """atom -> [(parameter qualname, axis, index)]: the parameter slices each atom owns, for
+    atoms of shrinkable groups whose channels are single-axis (not heads x head dims)."""
+    coupling = analyze(model, example_input)
+    weights = dict(model.named_parameters())
+    blocked = set()
+    for d in coupling.dims:
+        group = coupling.groups[coupling.group_of_dim[d.id]]
+        if group.fixed is not None or len(d.ref.axes) > 1:
+            blocked.update(coupling.atoms(d).tolist())
+    for did, _ in coupling.needs:
+        blocked.update(coupling.atoms(coupling.dims[did]).tolist())
+    slices: dict[int, list] = defaultdict(list)
+    for d in coupling.dims:
+        if not isinstance(d.ref.value, ParamKey) or d.ref.value.qualname not in weights:
+            continue
+        for index, atom in enumerate(coupling.atoms(d).tolist()):
+            if atom not in blocked:
+                slices[atom].append((d.ref.value.qualname, d.ref.axes[0], index))
+    return dict(slices)
+
+
+def group_masks(model: nn.Module, example_input: Any, sparsity: float, existing: Optional[dict] = None, slices: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Keep-masks (name -> bool tensor) over Linear/Conv weights with at least ``sparsity`` of
+    their entries masked, pruning whole atoms weakest first (RMS of their weight entries, the
+    already-masked entries counting as zero). ``existing`` masks stay masked."""
+    counted = _prunable_weights(model)
+    params = dict(model.named_parameters())
+    slices = slices if slices is not None else atom_slices(model, example_input)
+    owned_names = {name for owned in slices.values() for name, _, _ in owned} | set(counted)
+    masks = {n: (existing[n].clone() if existing and n in existing else torch.ones_like(params[n], dtype=torch.bool)) for n in owned_names}
+    total = sum(w.numel() for w in counted.values())
+    masked = sum(int((~masks[n]).sum()) for n in counted)
+    target = int(round(sparsity * total))
+    scores = []
+    for atom, owned in slices.items():
+        sq, alive, n = 0.0, 0, 0
+        for name, axis, index in owned:
+            if name not in counted:
+                continue
+            w = counted[name].detach().select(axis, index)
+            keep = masks[name].select(axis, index)
+            sq += float((w[keep] ** 2).sum())
+            alive += int(keep.sum())
+            n += w.numel()
+        if alive:
+            scores.append((np.sqrt(sq / n), atom, alive))
+    for score, atom, alive in sorted(scores):
+        if masked >= target:
+            break
+        for name, axis, index in slices[atom]:
+            m = masks[name].select(axis, index)
+            masked += int(m.sum()) if name in counted else 0
+            m.fill_(False)
+    return masks
+
+
+def group_pruner(example_input: Any) -> Callable[[nn.Module, float, dict], dict]:
+    """A ``pruner`` for :class:`srfx.cycle.SqueezeRelease` that masks whole atoms (the
+    analysis runs once per model shape, i.e. once per cycle)."""
+    cache: dict = {}
+
+    def prune(model: nn.Module, sparsity: float, masks: dict) -> dict:
+        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        if key not in cache:
+            cache.clear()
+            cache[key] = atom_slices(model, example_input)
+        new = group_masks(model, example_input, sparsity, masks, cache[key])
+        return {**masks, **new}
+
+    return prune
