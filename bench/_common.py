@@ -11,9 +11,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -123,6 +125,68 @@ def state_fingerprint(model: torch.nn.Module) -> dict:
         for k, v in model.state_dict().items():
             out[k] = (tuple(v.shape), float(v.double().sum()) if v.is_floating_point() else int(v.sum()))
     return out
+
+
+def add_common_args(ap, *, models: list[str] | None, threads: int, out: str, models_help: str | None = None) -> None:
+    """The options every benchmark takes: --models, --threads, --seed, --out."""
+    ap.add_argument("--models", nargs="+", default=models, help=models_help)
+    ap.add_argument("--threads", type=int, default=threads, help=f"torch.set_num_threads (default {threads})")
+    ap.add_argument("--seed", type=int, default=0, help="seed for weights, masks and inputs (default 0)")
+    ap.add_argument("--out", default=out, help=f"file name under bench/results/ (default {out})")
+
+
+@dataclass
+class Run:
+    """What :func:`run_models` hands back: one row per model, plus the run's conditions."""
+
+    rows: list
+    wall_s: float
+    loadavg_start: str
+    loadavg_end: str
+
+    def payload(self, benchmark: str, **fields) -> dict:
+        """The JSON every benchmark writes: its name, its own fields, the environment,
+        the wall time and the load average, then the rows."""
+        return {
+            "benchmark": benchmark,
+            **fields,
+            "environment": environment(),
+            "wall_s": self.wall_s,
+            "loadavg_start": self.loadavg_start,
+            "loadavg_end": self.loadavg_end,
+            "models": self.rows,
+        }
+
+
+def run_models(
+    tag: str,
+    names: list[str],
+    bench_one: Callable[[str], dict],
+    *,
+    threads: int,
+    error_row: Callable[[str, BaseException], dict] | None = None,
+    progress: Callable[[int, int, dict], str] | None = None,
+) -> Run:
+    """Set the thread count, quiet Torch-Pruning's warnings and run ``bench_one(name)`` for
+    each model. An exception becomes a row (``error_row``, default ``{"model", "error"}``)
+    and the run goes on. Prints ``[tag] name ...`` to stderr before each model, or
+    ``progress(i, n, row)`` after it."""
+    torch.set_num_threads(threads)
+    quiet_warnings()
+    t_start, load0 = time.perf_counter(), loadavg()
+    rows = []
+    for name in names:
+        if progress is None:
+            print(f"[{tag}] {name} ...", file=sys.stderr, flush=True)
+        try:
+            row = bench_one(name)
+        except Exception as exc:  # e.g. an unknown model name: record it and go on
+            row = error_row(name, exc) if error_row else {"model": name, "error": short_error(exc, 600)}
+        rows.append(row)
+        if progress is not None:
+            print(progress(len(rows), len(names), row), file=sys.stderr, flush=True)
+        gc.collect()
+    return Run(rows, time.perf_counter() - t_start, load0, loadavg())
 
 
 def short_error(exc: BaseException, limit: int = 300) -> str:

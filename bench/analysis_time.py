@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -123,29 +122,17 @@ def bench_model(name: str, repeats: int, wrap: bool, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    C.add_common_args(ap, models=DEFAULT_MODELS, threads=2, out="analysis_time.json")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and model, after one warm-up (default 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="analysis_time.json", help="file name under bench/results/ (default analysis_time.json)")
     ap.add_argument("--no-wrap", action="store_true",
                     help="do not retry a model srfx rejects behind a forward(x) wrapper (see ForwardX)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
 
-    torch.set_num_threads(args.threads)
-    C.quiet_warnings()
-    t_start = time.perf_counter()
-    load0 = C.loadavg()
-    rows = []
-    for name in args.models:
-        print(f"[analysis_time] {name} ...", file=sys.stderr, flush=True)
-        try:
-            rows.append(bench_model(name, args.repeats, not args.no_wrap, args.seed))
-        except Exception as exc:  # e.g. an unknown model name: report and go on
-            rows.append({"model": name, "error": C.short_error(exc)})
-
+    run = C.run_models("analysis_time", args.models, lambda name: bench_model(name, args.repeats, not args.no_wrap, args.seed),
+                       threads=args.threads)
+    rows = run.rows
     table = []
     notes = []
     for r in rows:
@@ -174,22 +161,12 @@ def main(argv=None) -> int:
     print()
     print(f"Analysis time, input 1x3x224x224, {args.repeats} timed run(s) after 1 warm-up, {torch.get_num_threads()} threads")
     print(tabulate(table, headers=headers, disable_numparse=True))
-    print(f"load average at start/end: {load0} / {C.loadavg()} (other processes share these cores: prefer 'best')")
+    print(f"load average at start/end: {run.loadavg_start} / {run.loadavg_end} (other processes share these cores: prefer 'best')")
     print("TP/srfx > 1 means srfx's analysis is faster. srfx time includes its internal deepcopy of the model (column 'deepcopy s').")
     for n in notes:
         print("note:", n)
 
-    path = C.write_json(args.out, {
-        "benchmark": "analysis_time",
-        "input_shape": [1, 3, 224, 224],
-        "repeats": args.repeats,
-        "warmup": 1,
-        "environment": C.environment(),
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_start": load0,
-        "loadavg_end": C.loadavg(),
-        "models": rows,
-    })
+    path = C.write_json(args.out, run.payload("analysis_time", input_shape=[1, 3, 224, 224], repeats=args.repeats, warmup=1))
     print(f"wrote {path.relative_to(path.parent.parent.parent)}")
     return 0
 

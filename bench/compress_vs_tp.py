@@ -30,7 +30,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -223,43 +222,22 @@ def bench_model(name: str, kill_rate: float, repeats: int, batches: list[int], s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    C.add_common_args(ap, models=DEFAULT_MODELS, threads=2, out="compress_vs_tp.json")
     ap.add_argument("--kill-rate", type=float, default=0.25, help="share of output rows zeroed per Conv2d/Linear (default 0.25)")
     ap.add_argument("--repeats", type=int, default=5, help="timed latency runs per model and batch size, after 1 warm-up; 0 skips latency (default 5)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="compress_vs_tp.json", help="file name under bench/results/ (default compress_vs_tp.json)")
     args = ap.parse_args(argv)
     if not 0.0 <= args.kill_rate < 1.0:
         ap.error("--kill-rate must be in [0, 1)")
     if args.repeats < 0:
         ap.error("--repeats must be >= 0")
 
-    torch.set_num_threads(args.threads)
-    C.quiet_warnings()
-    t_start = time.perf_counter()
-    load0 = C.loadavg()
-    rows = []
-    for name in args.models:
-        print(f"[compress_vs_tp] {name} ...", file=sys.stderr, flush=True)
-        try:
-            rows.append(bench_model(name, args.kill_rate, args.repeats, args.batches, args.seed))
-        except Exception as exc:
-            rows.append({"model": name, "error": C.short_error(exc, 600)})
-
-    path = C.write_json(args.out, {
-        "benchmark": "compress_vs_tp",
-        "kill_rate": args.kill_rate,
-        "seed": args.seed,
-        "latency_repeats": args.repeats,
-        "batches": args.batches,
-        "environment": C.environment(),
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_start": load0,
-        "loadavg_end": C.loadavg(),
-        "models": rows,
-    })
+    run = C.run_models("compress_vs_tp", args.models,
+                       lambda name: bench_model(name, args.kill_rate, args.repeats, args.batches, args.seed), threads=args.threads)
+    rows = run.rows
+    path = C.write_json(args.out, run.payload(
+        "compress_vs_tp", kill_rate=args.kill_rate, seed=args.seed, latency_repeats=args.repeats, batches=args.batches,
+    ))
 
     notes = []
     size_rows, lat_rows = [], []
@@ -308,7 +286,7 @@ def main(argv=None) -> int:
         print()
         print(f"Inference latency, {args.repeats} interleaved run(s) after 1 warm-up (ms), original vs srfx output; speedup = original / srfx")
         print(tabulate(lat_rows, headers=["model", "batch", "orig med ms", "srfx med ms", "speedup (med)", "orig best ms", "srfx best ms", "speedup (best)"], disable_numparse=True))
-    print(f"load average at start/end: {load0} / {C.loadavg()} (on a shared machine medians swing by several x; 'best' is the steadier figure)")
+    print(f"load average at start/end: {run.loadavg_start} / {run.loadavg_end} (on a shared machine medians swing by several x; 'best' is the steadier figure)")
     for n in notes:
         print("note:", n)
     print(f"wrote {path.relative_to(path.parent.parent.parent)}")

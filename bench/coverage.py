@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import re
 import sys
 import time
@@ -223,33 +222,28 @@ def _error_cell(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=None, help="timm model names (default: the --tier lists)")
+    C.add_common_args(ap, models=None, threads=1, out="coverage.json", models_help="timm model names (default: the --tier lists)")
     ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B or all (default all)")
     ap.add_argument("--kill-rate", type=float, default=0.3, help="share of rows zeroed per Linear/Conv (default 0.3)")
-    ap.add_argument("--seed", type=int, default=0, help="kill_channels and example-input seed (default 0)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="model and input dtype (default float32); float64 makes the check strong where the output barely depends on the input")
     ap.add_argument("--threshold", type=float, default=None,
                     help="relative error counted as exact (default: srfx's rtol for the dtype, 1e-5 for float32, 1e-10 for float64)")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--canonical", action="store_true",
                     help="kill channels exactly as tests/helpers.py does (no extra waking of near-zero layer scales)")
     ap.add_argument("--no-recheck64", action="store_true",
                     help="do not recompress a float32 model that is not exact in float64 (which tells rounding from a wrong plan)")
-    ap.add_argument("--out", default="coverage.json", help="file name under bench/results/ (default coverage.json)")
     args = ap.parse_args(argv)
     from srfx.verify import TOLERANCES
 
     dtype = getattr(torch, args.dtype)
     if args.threshold is None:
         args.threshold = TOLERANCES[dtype][0]
-    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     models = args.models or TIERS[args.tier]
     tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B}
-    load_start, t_start = C.loadavg(), time.perf_counter()
-    records = []
-    for name in models:
+
+    def one(name: str) -> dict:
         t0 = time.perf_counter()
         try:
             rec = run_model(name, args.kill_rate, args.seed, args.threshold, fresh_seed=args.seed + 1000,
@@ -258,15 +252,17 @@ def main(argv=None) -> int:
             rec = {"model": name, "status": "setup_error", "error": C.short_error(exc, 600)}
         rec["tier"] = tier_of.get(name, "-")
         rec["wall_s"] = time.perf_counter() - t0
-        records.append(rec)
-        print(
-            f"[{len(records)}/{len(models)}] {name}: {rec['status']} rel_err={C.fmt(rec.get('rel_err'), '.1e')} "
-            f"params x{C.fmt(rec.get('params_ratio'), '.2f')} compress {C.fmt(rec.get('compress_s'), '.1f')}s "
-            f"(wall {rec['wall_s']:.1f}s)" + (f"  {rec['error'][:200]}" if rec.get("error") else ""),
-            file=sys.stderr, flush=True,
-        )
-        gc.collect()
+        return rec
 
+    def progress(i: int, n: int, rec: dict) -> str:
+        return (
+            f"[{i}/{n}] {rec['model']}: {rec['status']} rel_err={C.fmt(rec.get('rel_err'), '.1e')} "
+            f"params x{C.fmt(rec.get('params_ratio'), '.2f')} compress {C.fmt(rec.get('compress_s'), '.1f')}s "
+            f"(wall {rec['wall_s']:.1f}s)" + (f"  {rec['error'][:200]}" if rec.get("error") else "")
+        )
+
+    run = C.run_models("coverage", models, one, threads=args.threads, progress=progress)
+    records = run.rows
     rows = []
     for r in records:
         exact = "-" if r.get("exact") is None else ("yes" if r["exact"] else "NO")
@@ -288,20 +284,10 @@ def main(argv=None) -> int:
                + f"; exact but no shrink (params x < 1.005) {len(no_shrink)}" + (f" ({', '.join(no_shrink)})" if no_shrink else "")
                + (f"; weak checks (sensitivity < {100 * args.threshold:g}): {', '.join(weak)}" if weak else ""))
     print(summary)
-    path = C.write_json(args.out, {
-        "benchmark": "coverage",
-        "kill_rate": args.kill_rate,
-        "wake_scales": not args.canonical,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "threshold": args.threshold,
-        "environment": C.environment(),
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_start": load_start,
-        "loadavg_end": C.loadavg(),
-        "summary": summary,
-        "models": records,
-    })
+    path = C.write_json(args.out, run.payload(
+        "coverage", kill_rate=args.kill_rate, wake_scales=not args.canonical, dtype=args.dtype, seed=args.seed,
+        threshold=args.threshold, summary=summary,
+    ))
     print(f"wrote {path}")
     return 0
 

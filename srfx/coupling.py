@@ -9,6 +9,7 @@ or die together.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,7 @@ class Dim:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.sizes)) if self.sizes else 1
+        return math.prod(self.sizes)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class _Builder:
         self.mixes: list[Mix] = []
         self.effects: dict[str, Effects] = {}
         self.barriers: dict[str, str] = {}
+        self.memo: dict = {}  # rule results shared by nodes that differ only in names
         self.params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
         # tied tensors: every alias of one tensor is the same parameter key
         first: dict[int, str] = {}
@@ -167,7 +169,7 @@ class _Builder:
     def _visit(self, node: fx.Node) -> None:
         if facts_of(node) is None:  # never executed (dead code) or non-tensor literal
             return
-        env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules, self.mutated)
+        env = NodeEnv(self.gm, node, lambda key: self.by_value.get(key, []), self.modules, self.mutated, self.memo)
         rule = lookup(node, self.modules)
         inputs = [r for a in tensor_leaves((node.args, node.kwargs), elements=True) for r in env.all_dims(a)]
         if rule is not None and not facts_of(node).shapes and rule.name not in ("shape_query", "movement", "output"):
@@ -212,28 +214,7 @@ class _Builder:
                 self.fixed.setdefault(self.index[ref], f"{node.name}: its rule did not say where channel axis {ref.axes} goes")
 
     def _finish(self) -> Coupling:
-        n = self.n_slots
-        rows, cols = [], []
-        for a, b, pairs in self.links:
-                da, db = self.dims[a], self.dims[b]
-                if pairs is None:
-                    if da.size != db.size:
-                        self.fixed.setdefault(a, f"size mismatch linking {da.ref} and {db.ref}")
-                        self.fixed.setdefault(b, f"size mismatch linking {da.ref} and {db.ref}")
-                        continue
-                    ia = np.arange(da.size)
-                    ib = ia
-                else:
-                    ia, ib = pairs
-                rows.append(da.base + np.asarray(ia, dtype=np.int64))
-                cols.append(db.base + np.asarray(ib, dtype=np.int64))
-        if rows:
-            r = np.concatenate(rows)
-            c = np.concatenate(cols)
-        else:
-            r = c = np.zeros(0, dtype=np.int64)
-        adj = sp.coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
-        _, atom_of_slot = connected_components(adj, directed=False)
+        atom_of_slot = self._atoms()
         graph = nx.Graph()
         graph.add_nodes_from(range(len(self.dims)))
         graph.add_edges_from((a, b) for a, b, _ in self.links)
@@ -241,7 +222,7 @@ class _Builder:
         group_of_dim = np.zeros(len(self.dims), dtype=np.int64)
         for gid, comp in enumerate(components):
             group_of_dim[comp] = gid
-        groups = tuple(self._group(gid, comp, atom_of_slot, group_of_dim) for gid, comp in enumerate(components))
+        groups = self._groups(components, atom_of_slot, group_of_dim)
         return Coupling(
             graph_module=self.gm,
             dims=tuple(self.dims),
@@ -260,23 +241,79 @@ class _Builder:
             mutated=self.mutated,
         )
 
-    def _group(self, gid, comp, atom_of_slot, group_of_dim) -> Group:
-        atoms = set()
-        for did in comp:
-            d = self.dims[did]
-            atoms.update(np.unique(atom_of_slot[d.base : d.base + d.size]).tolist())
-        members = set(comp)
+    def _atoms(self) -> np.ndarray:
+        """Connected components of the slot graph, numbered by their first slot (as scipy
+        numbers them on the full graph).
 
-        def owners(kind):
-            seen = []
-            for role in self.roles:
-                if role.kind == kind and self.index[role.ref] in members and role.owner not in seen:
-                    seen.append(role.owner)
-            return tuple(seen)
+        An identity link joins slot j of one dim with slot j of the other, so dims joined by
+        identity links share their slots' fate: the components are found on one copy of each
+        such class (a ViT's 465,000 slots become a few thousand) and spread back.
+        """
+        n_dims = len(self.dims)
+        sizes = np.fromiter((d.size for d in self.dims), dtype=np.int64, count=n_dims)
+        bases = np.fromiter((d.base for d in self.dims), dtype=np.int64, count=n_dims)
+        same_a, same_b, paired = [], [], []
+        for a, b, pairs in self.links:
+            if pairs is not None:
+                paired.append((a, b, pairs))
+            elif sizes[a] != sizes[b]:
+                da, db = self.dims[a], self.dims[b]
+                self.fixed.setdefault(a, f"size mismatch linking {da.ref} and {db.ref}")
+                self.fixed.setdefault(b, f"size mismatch linking {da.ref} and {db.ref}")
+            else:
+                same_a.append(a)
+                same_b.append(b)
+        same = sp.coo_matrix((np.ones(len(same_a), dtype=np.int8), (same_a, same_b)), shape=(n_dims, n_dims))
+        n_cls, cls = connected_components(same, directed=False)
+        cls_size = np.zeros(n_cls, dtype=np.int64)
+        cls_size[cls] = sizes
+        cls_base = np.cumsum(cls_size) - cls_size  # slots of the reduced graph
+        rows = [cls_base[cls[a]] + np.asarray(ia, dtype=np.int64) for a, _, (ia, _) in paired]
+        cols = [cls_base[cls[b]] + np.asarray(ib, dtype=np.int64) for _, b, (_, ib) in paired]
+        r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        n_reduced = int(cls_size.sum())
+        adj = sp.coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n_reduced, n_reduced))
+        n_atoms, reduced = connected_components(adj, directed=False)
+        # number atoms by their first slot in the full graph
+        first_base = np.full(n_cls, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first_base, cls, bases)
+        offset = np.arange(n_reduced, dtype=np.int64) - np.repeat(cls_base, cls_size)
+        first_slot = np.repeat(first_base, cls_size) + offset
+        first = np.full(n_atoms, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, reduced, first_slot)
+        number = np.empty(n_atoms, dtype=reduced.dtype)
+        number[np.argsort(first, kind="stable")] = np.arange(n_atoms, dtype=reduced.dtype)
+        within = np.arange(self.n_slots, dtype=np.int64) - np.repeat(bases, sizes)
+        return number[reduced][np.repeat(cls_base[cls], sizes) + within]
 
-        fixed = next((self.fixed[d] for d in comp if d in self.fixed), None)
-        mixed = tuple(dict.fromkeys(m.reason for m in self.mixes if self.index[m.ref] in members))
-        return Group(gid, tuple(comp), len(atoms), owners("writer"), owners("reader"), owners("op"), fixed, mixed)
+    def _groups(self, components, atom_of_slot, group_of_dim) -> tuple[Group, ...]:
+        """Every group's atoms, writers, readers, ops, first fixed reason and mix reasons, in
+        one pass over slots, roles, fixed dims and mixes (in their order, as the report reads)."""
+        n = len(components)
+        # an atom's slots are linked, so they lie in one group: count atoms per group
+        sizes = np.fromiter((d.size for d in self.dims), dtype=np.int64, count=len(self.dims))
+        group_of_slot = np.repeat(group_of_dim, sizes)
+        group_of_atom = np.zeros(int(atom_of_slot.max()) + 1 if len(atom_of_slot) else 0, dtype=np.int64)
+        group_of_atom[atom_of_slot] = group_of_slot
+        channels = np.bincount(group_of_atom, minlength=n) if len(group_of_atom) else np.zeros(n, dtype=np.int64)
+        owners = {kind: [dict() for _ in range(n)] for kind in ("writer", "reader", "op")}
+        for role in self.roles:
+            if role.kind in owners:
+                owners[role.kind][group_of_dim[self.index[role.ref]]].setdefault(role.owner)
+        fixed: list[Optional[str]] = [None] * n
+        for did in sorted(self.fixed):
+            gid = group_of_dim[did]
+            if fixed[gid] is None:
+                fixed[gid] = self.fixed[did]
+        mixed = [dict() for _ in range(n)]
+        for m in self.mixes:
+            mixed[group_of_dim[self.index[m.ref]]].setdefault(m.reason)
+        return tuple(
+            Group(gid, tuple(comp), int(channels[gid]), tuple(owners["writer"][gid]), tuple(owners["reader"][gid]),
+                  tuple(owners["op"][gid]), fixed[gid], tuple(mixed[gid]))
+            for gid, comp in enumerate(components)
+        )
 
 
 def _barrier(inputs: list[Ref], reason: str) -> Effects:

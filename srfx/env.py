@@ -65,8 +65,9 @@ def tensor_leaves(args: Any, elements: bool = False) -> Iterator[fx.Node]:
 class NodeEnv:
     """Queries a rule may make: shapes, existing channel dims of inputs, modules, parameters."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, dims_of_value, modules: dict, mutated=frozenset()):
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, dims_of_value, modules: dict, mutated=frozenset(), memo=None):
         self.mutated = mutated  # parameter/buffer names written in place during forward
+        self.memo = memo  # one analysis's cache for rules whose work repeats across blocks (or None)
         self.gm = gm
         self.node = node
         self._dims_of_value = dims_of_value

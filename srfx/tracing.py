@@ -3,17 +3,23 @@
 The user's model is never traced in place: tracing works on a deep copy in eval mode, so
 hooks, flags and parameters of the original stay exactly as they were (some timm models
 also break when traced twice).
+
+Shapes come from running the traced graph on the example input, on ``device="meta"``
+tensors where that records exactly what a real run would (:mod:`srfx.meta_facts`), else
+for real.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.proxy import ParameterProxy
 
 from .errors import InputError, TraceError
 
@@ -53,16 +59,105 @@ def _timm_leaves() -> tuple[list[type], list[Any]]:
     return list(get_notrace_modules()), list(get_notrace_functions())
 
 
+def _tensor_at(root: torch.nn.Module, qualname: str) -> Any:
+    """The parameter or buffer registered under ``qualname``, read from the registries (a
+    plain ``getattr`` would go through the tracer's patched ``Module.__getattr__``)."""
+    *path, leaf = qualname.split(".")
+    mod = root
+    for part in path:
+        mod = mod._modules.get(part)
+        if mod is None:
+            return None
+    return mod._parameters.get(leaf, mod._buffers.get(leaf))
+
+
 def _srfx_leaf_types() -> tuple[type, ...]:
     from .compensated_ln import CompensatedLayerNorm
 
     return (CompensatedLayerNorm,)
 
 
+class _CachedDis:
+    """``dis`` as ``torch.fx.proxy`` sees it while srfx traces: fx disassembles the whole
+    calling function each time a proxy is unpacked (``B, N, C = x.shape``; 25 times, 12 ms
+    in a ViT). A function's instructions do not change, so each is disassembled once."""
+
+    def __init__(self, real):
+        self._real = real
+        self._seen: dict = {}
+
+    def get_instructions(self, code, *args, **kwargs):
+        if args or kwargs:
+            return self._real.get_instructions(code, *args, **kwargs)
+        found = self._seen.get(code)
+        if found is None:
+            found = self._seen[code] = tuple(self._real.get_instructions(code))
+        return iter(found)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
 class _Tracer(fx.Tracer):
+    """``fx.Tracer`` with constant-time parameter lookups.
+
+    fx finds the qualified name of a parameter or buffer that forward touches by scanning
+    ``root.named_parameters()`` / ``named_buffers()`` on every access: quadratic in the model
+    size (about 70 ms of efficientnet_b0's trace, whose BatchNormAct layers read four tensors
+    each). Same answers from an id -> name table built once per trace; a tensor the table does
+    not know, or one no longer registered under its name, takes fx's own scan.
+    """
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         # srfx's own modules (CompensatedLayerNorm) have channel rules: keep them whole
         return isinstance(m, _srfx_leaf_types()) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        if isinstance(root, torch.nn.Module):
+            # named_* list a shared tensor once, under the name fx's scan would find first
+            self._params = {id(t): n for n, t in root.named_parameters()}
+            self._buffers = {id(t): n for n, t in root.named_buffers()}
+        else:
+            self._params, self._buffers = {}, {}
+        proxy_module = torch.fx.proxy
+        real_dis = proxy_module.dis
+        proxy_module.dis = _CachedDis(real_dis)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            proxy_module.dis = real_dis
+            self._params, self._buffers = {}, {}
+
+    def _name_of(self, value: Any) -> str | None:
+        if isinstance(value, torch.nn.Parameter):
+            name = self._params.get(id(value))
+            if name is None and self.proxy_buffer_attributes:
+                name = self._buffers.get(id(value))
+        elif isinstance(value, torch.Tensor) and self.proxy_buffer_attributes:
+            name = self._buffers.get(id(value))
+        else:
+            return None
+        return name if name is not None and _tensor_at(self.root, name) is value else None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        name = self._name_of(attr_val)
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:  # as fx.Tracer.getattr does on a match
+            factory = None
+            if self.param_shapes_constant:
+                factory = lambda node: ParameterProxy(self, node, name, attr_val)  # noqa: E731
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            # fx searches parameters for a Parameter and buffers for any other tensor
+            table = self._params if isinstance(a, torch.nn.Parameter) else self._buffers
+            name = table.get(id(a))
+            if name is not None and _tensor_at(self.root, name) is a:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
 
 class _LeafTracer(_Tracer):
@@ -102,7 +197,50 @@ def private_copy(model: torch.nn.Module) -> torch.nn.Module:
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
+    memo.update(_tensor_copies(model, memo))
+    memo.update(_empty_containers(model))
     return copy.deepcopy(model, memo)
+
+
+def _empty_containers(model: torch.nn.Module) -> dict:
+    """Fresh empties for the empty hook registries every module carries (a dozen each):
+    deepcopy would rebuild each through ``__reduce_ex__``, to the same result."""
+    out = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if type(value) in (OrderedDict, set) and not value:
+                out[id(value)] = type(value)()
+    return out
+
+
+def _tensor_copies(model: torch.nn.Module, memo: dict) -> dict:
+    """What ``copy.deepcopy`` would make of the parameters and buffers, made directly (its
+    generic path costs more than the copying itself: 60 of resnet50's 70 ms).
+
+    A ``Parameter`` deep-copies to ``Parameter(p.data.clone(), p.requires_grad)``, exactly as
+    here. A plain buffer is cloned here only when that is all deepcopy would do: a dense
+    leaf with no grad, no python attributes, owning its whole storage and sharing it with no
+    other tensor of the model (deepcopy keeps such sharing; those are left to it).
+    """
+    owners: dict[int, set] = {}
+    tensors = {}
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]:
+            if isinstance(t, torch.Tensor) and id(t) not in memo and t.layout == torch.strided and t.device.type != "meta":
+                tensors[id(t)] = t
+                owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
+    out = {}
+    for key, t in tensors.items():
+        if type(t) is torch.nn.Parameter:
+            out[key] = torch.nn.Parameter(t.data.clone(memory_format=torch.preserve_format), t.requires_grad)
+        elif (
+            type(t) is torch.Tensor and t.is_leaf and t.grad is None and not t.__dict__ and t.is_contiguous()
+            and not t.is_quantized and not t.is_conj() and not t.is_neg() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            and len(owners[t.untyped_storage().data_ptr()]) == 1 and t.untyped_storage().data_ptr() != 0
+        ):
+            out[key] = t.clone().requires_grad_(t.requires_grad)
+    return out
 
 
 @contextlib.contextmanager
@@ -115,7 +253,10 @@ def preserved_buffers(*modules: torch.nn.Module):
     finally:
         with torch.no_grad():
             for b, value in saved:
-                if b.shape == value.shape:
+                # an expanded view (stride 0: fx lifts `buffer.expand(...)` as a constant) cannot
+                # be written by forward, nor copied into
+                overlapping = any(st == 0 and n > 1 for st, n in zip(b.stride(), b.shape))
+                if b.shape == value.shape and not overlapping:
                     b.copy_(value)
 
 
@@ -146,7 +287,8 @@ def _where_it_failed(exc: BaseException) -> str:
 
 
 def trace(model: torch.nn.Module, example_input: Any) -> Traced:
-    """Trace a deep copy of ``model`` (eval mode) and annotate shapes with ``example_input``.
+    """Trace a deep copy of ``model`` (eval mode) and annotate shapes with ``example_input``
+    (run on meta tensors when that is exact, see :mod:`srfx.meta_facts`).
 
     Plain ``torch.fx.symbolic_trace`` first (it sees through every block, so the analysis
     does too); if that fails, retry with timm's registered leaf modules and functions, which
@@ -179,7 +321,8 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
 
 @dataclass(frozen=True)
 class NodeFacts:
-    """What running the example input showed about one node (stored in ``node.meta["srfx"]``).
+    """What running the example input showed about one node (stored in ``node.meta["srfx"]``;
+    the same whether the run was on meta tensors or real ones).
 
     ``shapes`` holds one shape per tensor the node produced: one for a tensor, several for a
     tuple/list of tensors (``elements`` is then True). ``value`` keeps non-tensor results
@@ -227,6 +370,12 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> N
             f"the model's forward takes {required} to {len(placeholders)} argument(s) after tracing, "
             f"but example_input has {len(inputs)}."
         )
+    from .meta_facts import propagate_on_meta
+
+    if propagate_on_meta(gm, inputs):  # shapes without arithmetic; else a real forward
+        return
+    for node in gm.graph.nodes:
+        node.meta.pop(META_KEY, None)
     try:
         with torch.no_grad(), preserved_buffers(gm):
             _FactRecorder(gm).run(*inputs)

@@ -204,3 +204,22 @@ def test_float32_rounding_of_the_original_is_not_a_false_alarm():
     with torch.no_grad():
         exact = m.double()(x.double())
         assert (small(x).double() - exact).abs().max() < 1e-4 * exact.abs().max() + 1e-2
+
+
+def test_expanded_buffer_constant_does_not_break_compress():
+    """fx lifts ``buffer.expand(...)`` as a stride-0 constant; restoring buffers after srfx's own
+    runs must not try to write into it (found with HF's token_type_ids buffer)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(3, 10), nn.Linear(10, 4)
+            self.register_buffer("token_type", torch.zeros(1, 10, dtype=torch.long))
+
+        def forward(self, x):
+            return self.fc(x + self.emb(self.token_type.expand(2, 10)))
+
+    model = Net().eval()
+    x = torch.randn(2, 10, 10)
+    small = srfx.compress(model, x)
+    assert torch.equal(model(x), small(x))

@@ -8,10 +8,12 @@ with untracked data, are kept.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -28,16 +30,28 @@ _LIKE = ("view_as", "reshape_as", "expand_as")
 FREE, SHAPE_ARGS, SPLIT, INDEX = "free", "shape_args", "split", "index"
 
 
-def _varying_axes(ch: np.ndarray) -> list[int]:
+def _varying_axes(ch: np.ndarray, dense: bool = False) -> list[int]:
+    """Axes along which ``ch`` changes between neighbours that both hold a channel (>= 0;
+    ``dense``: all of them do)."""
     axes = []
     for a in range(ch.ndim):
         if ch.shape[a] < 2:
             continue
         x0 = ch[(slice(None),) * a + (slice(0, -1),)]  # views, not copies
         x1 = ch[(slice(None),) * a + (slice(1, None),)]
-        if np.any((x0 >= 0) & (x1 >= 0) & (x0 != x1)):
+        if np.any(x0 != x1) if dense else np.any((x0 >= 0) & (x1 >= 0) & (x0 != x1)):
             axes.append(a)
     return axes
+
+
+def _channel_index(local: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
+    """Flat index over ``axes`` (in their order) of each flat position ``local`` of ``shape``:
+    ``ravel_multi_index(unravel_index(local, shape)[axes], sizes)``, on the axes needed only."""
+    out = None
+    for a in axes:
+        coord = local // math.prod(shape[a + 1 :]) % shape[a]
+        out = coord if out is None else out * shape[a] + coord
+    return out
 
 
 def _table(ch: np.ndarray, axes: list[int]) -> np.ndarray | None:
@@ -47,7 +61,87 @@ def _table(ch: np.ndarray, axes: list[int]) -> np.ndarray | None:
     moved = np.transpose(ch, axes + rest).reshape(int(np.prod([ch.shape[a] for a in axes])), -1)
     table = moved.max(axis=1)
     ok = (moved < 0) | (moved == table[:, None])
-    return table if ok.all() else None
+    return table.astype(np.int64, copy=False) if ok.all() else None
+
+
+_NODE = "\0"  # stand-in name of the node in a memoized label analysis
+
+
+def _typed(a, node_key):
+    """Hashable, type-exact description of an argument (1, 1.0 and True stay apart);
+    ``node_key`` describes fx nodes. TypeError when there is none."""
+    if isinstance(a, fx.Node):
+        return node_key(a)
+    if isinstance(a, torch.Size):
+        return (torch.Size, tuple(a))
+    if isinstance(a, (tuple, list)):
+        return (list if isinstance(a, list) else type(a), tuple(_typed(x, node_key) for x in a))
+    if isinstance(a, dict):
+        return (dict, tuple((k, _typed(v, node_key)) for k, v in a.items()))
+    if isinstance(a, slice):
+        return (slice, _typed(a.start, node_key), _typed(a.stop, node_key), _typed(a.step, node_key))
+    if a is None or a is Ellipsis or isinstance(a, (int, float, str, torch.dtype, torch.device, torch.memory_format)):
+        return (type(a), a)
+    raise TypeError(type(a).__name__)
+
+
+def _memo_key(rule, node, env, inputs, all_in):
+    """What the label analysis of ``node`` depends on, without names; None if unknown
+    (module calls, tensors as arguments)."""
+    if node.op == "call_module":
+        return None
+    index = {a: i for i, a in enumerate(inputs)}
+    by_name = {a.name: i for i, a in enumerate(inputs)}
+
+    def node_key(a):
+        if a in index:
+            return ("input", index[a])
+        if a.op == "get_attr":
+            raise TypeError("get_attr")
+        return ("value", _typed(env.concrete(a), node_key))
+
+    try:
+        key = (
+            type(rule), rule.kind, node.op, node.target,
+            _typed(node.args, node_key), _typed(node.kwargs, node_key),
+            tuple((facts_of(a).shapes, facts_of(a).elements) for a in inputs),
+            tuple((by_name[r.value.node], r.value.element, r.axes) for r in all_in),
+            (env.out_facts.shapes, env.out_facts.elements),
+        )
+        hash(key)
+    except (TypeError, KeyError):
+        return None
+    return key
+
+
+def _rename_ref(ref: Ref, names: dict) -> Ref:
+    return Ref(ValueKey(names.get(ref.value.node, _NODE), ref.value.element), ref.axes)
+
+
+def _renamed(eff: Effects, back: dict) -> Effects:
+    """``eff`` with stand-in names replaced (``back``: stand-in -> real name)."""
+    refs: dict = {}
+
+    def ref(r):
+        out = refs.get(r)
+        if out is None:
+            out = refs[r] = Ref(ValueKey(back[r.value.node], r.value.element), r.axes)
+        return out
+
+    def text(reason):
+        if "\0" not in reason:
+            return reason
+        for stand_in, name in back.items():
+            if stand_in != _NODE:
+                reason = reason.replace(stand_in, name)
+        return reason.replace(_NODE, back[_NODE])
+
+    return Effects(
+        outputs=tuple(ref(r) for r in eff.outputs),
+        links=tuple(Link(ref(l.a), ref(l.b), l.pairs) for l in eff.links),
+        fixed=tuple((ref(r), text(why)) for r, why in eff.fixed),
+        meta=eff.meta,
+    )
 
 
 class Movement(ChannelRule):
@@ -60,26 +154,73 @@ class Movement(ChannelRule):
 
     def effects(self, node, env):
         inputs = list(tensor_leaves((node.args, node.kwargs), elements=True))
-        labels, spans = {}, []  # spans: (ValueKey, shape, offset)
+        if not facts_of(node).shapes:
+            return Effects()  # a non-tensor result (a size, a shape tuple)
+        # The label analysis is the expensive part and does not depend on names: run it with
+        # stand-in names (input i is "\0i\0", this node "\0") and reuse it for every node
+        # with the same op, arguments, shapes and input dims (a model's repeated blocks).
+        names = {a.name: f"\0{i}\0" for i, a in enumerate(inputs)}
+        all_in = [r for a in inputs for r in env.all_dims(a)]
+        key = _memo_key(self, node, env, inputs, all_in)
+        memo = getattr(env, "memo", None)
+        core = memo.get(key) if memo is not None and key is not None else None
+        if core is None:
+            core = self._label_effects(node, env, inputs, names, [_rename_ref(r, names) for r in all_in])
+            if memo is not None and key is not None:
+                memo[key] = core
+        back = {v: k for k, v in names.items()}
+        back[_NODE] = node.name
+        eff = _renamed(core, back)
+        if not eff.meta:  # the op did not run on labels: every input dim is fixed
+            return eff
+        links, fixed, out_refs = list(eff.links), list(eff.fixed), list(eff.outputs)
+        if node.op == "call_method" and node.target in _LIKE and len(node.args) > 1:
+            links, fixed, _ = self._like(node, env, links, fixed, out_refs)
+        roles = ()
+        if node.target in (torch.cat, torch.concat, torch.stack):  # a parameter concatenated in writes channels
+            from .pointwise import _parameter_behind
+
+            roles = tuple(
+                Role("writer", r, owner, node.name)
+                for a in inputs
+                for owner in [_parameter_behind(a, env)]
+                if owner is not None
+                for r in env.dims(a)
+                if any(l.b == r for l in links)
+            )
+        return Effects(outputs=eff.outputs, links=tuple(links), fixed=tuple(fixed), roles=roles, meta=eff.meta)
+
+    def _label_effects(self, node, env, inputs, names, all_in):
+        """Outputs, links and fixed dims from running the op on position labels, with the
+        stand-in names of ``names`` (``all_in``: the input dims under those names)."""
+        spans = []  # (ValueKey, shape, offset)
         offset = 0
         for a in inputs:
             f = facts_of(a)
-            elems = range(len(f.shapes)) if f.elements else [-1]
-            made = []
-            for e in elems:
+            for e in range(len(f.shapes)) if f.elements else [-1]:
                 shape = f.shapes[max(e, 0)]
-                n = int(np.prod(shape)) if shape else 1
-                made.append(torch.arange(offset, offset + n, dtype=torch.int64).reshape(shape))
-                spans.append((ValueKey(a.name, e), shape, offset))
-                offset += n
-            labels[a] = tuple(made) if f.elements else made[0]
-        all_in = [r for a in inputs for r in env.all_dims(a)]
-        if not facts_of(node).shapes:
-            return Effects()  # a non-tensor result (a size, a shape tuple)
+                spans.append((ValueKey(names[a.name], e), shape, offset))
+                offset += math.prod(shape)
+
+        def labelled(dtype):
+            made = iter(torch.arange(off, off + math.prod(shape), dtype=dtype).reshape(shape) for _, shape, off in spans)
+            labels = {}
+            for a in inputs:
+                f = facts_of(a)
+                labels[a] = tuple(next(made) for _ in f.shapes) if f.elements else next(made)
+            return call_with(node, env, lambda a: labels[a] if a in labels else env.concrete(a))
+
+        name = _NODE
         try:
-            result = call_with(node, env, lambda a: labels[a] if a in labels else env.concrete(a))
+            # int32 labels halve the memory traffic; an op that refuses them gets int64
+            try:
+                if offset >= 2**31:
+                    raise OverflowError
+                result = labelled(torch.int32)
+            except Exception:  # noqa: BLE001 - retried with the labels every op takes
+                result = labelled(torch.int64)
         except Exception as exc:  # the op does not run on integer labels
-            reason = f"{node.name}: cannot follow channels through it ({type(exc).__name__})"
+            reason = f"{name}: cannot follow channels through it ({type(exc).__name__})"
             return Effects(fixed=tuple((r, reason) for r in all_in))
         facts = env.out_facts
         outs = list(result) if facts.elements else [result]
@@ -90,24 +231,31 @@ class Movement(ChannelRule):
             src = out.numpy()
             found: dict[tuple[int, ...], list[tuple[Ref, np.ndarray]]] = {}
             contributes = []
+            lo, hi = (int(src.min()), int(src.max())) if src.size else (0, -1)
             for key, shape, off in spans:
-                n = int(np.prod(shape)) if shape else 1
-                mask = (src >= off) & (src < off + n)
-                if not mask.any():
-                    continue
-                local = np.where(mask, src - off, 0)
-                coords = np.unravel_index(local, shape) if shape else ()
+                n = math.prod(shape)
+                if src.size == 0 or hi < off or lo >= off + n:
+                    continue  # nothing of this input reaches the output
+                if off <= lo and hi < off + n:
+                    mask = None  # every output position comes from this input
+                    local = src - off if off else src
+                else:
+                    mask = (src >= off) & (src < off + n)
+                    if not mask.any():
+                        continue
+                    local = np.where(mask, src - off, 0)
                 dims = [r for r in all_in if r.value == key]
                 mapped = False
                 for ref in dims:
-                    sizes = tuple(shape[a] for a in ref.axes)
-                    ch = np.where(mask, np.ravel_multi_index(tuple(coords[a] for a in ref.axes), sizes), -1)
-                    axes = _varying_axes(ch)
+                    ch = _channel_index(local, shape, ref.axes)
+                    if mask is not None:
+                        ch = np.where(mask, ch, -1)
+                    axes = _varying_axes(ch, dense=mask is None)
                     if not axes and len(ref.axes) == 1 and self._along(node, env) == ref.axes[0]:
                         axes = [ref.axes[0]]  # a one-channel piece of a cat/split stays on its axis
                     table = _table(ch, axes) if axes else None
                     if table is None:
-                        fixed.append((ref, f"{node.name}: channels move where srfx cannot follow them"))
+                        fixed.append((ref, f"{name}: channels move where srfx cannot follow them"))
                         continue
                     found.setdefault(tuple(axes), []).append((ref, table))
                     coverage[ref].append((e, table))
@@ -115,11 +263,11 @@ class Movement(ChannelRule):
                 contributes.append((key, mask, local, mapped))
             taken = [a for axes in found for a in axes]
             if len(taken) != len(set(taken)):
-                reason = f"{node.name}: channel dims overlap in the output"
+                reason = f"{name}: channel dims overlap in the output"
                 fixed.extend((ref, reason) for group in found.values() for ref, _ in group)
                 continue
             for axes, members in found.items():
-                out_ref = env.out(axes, e)
+                out_ref = Ref(ValueKey(name, e), tuple(axes))
                 out_refs.append(out_ref)
                 for ref, table in members:
                     idx = np.nonzero(table >= 0)[0]
@@ -133,32 +281,16 @@ class Movement(ChannelRule):
                     opaque.add(e)
                 for k, mask, local, _ in contributes:
                     if k in untracked:
-                        pos = np.where(mask, local, -1)
+                        pos = local if mask is None else np.where(mask, local, -1)
                         if _varying_axes(pos) and any(a in axes for a in _varying_axes(pos)):
-                            fixed.append((out_ref, f"{node.name}: channels mixed with untracked data from {k}"))
+                            fixed.append((out_ref, f"{name}: channels mixed with untracked data from {k}"))
                 if not covered.all() and not untracked:
-                    fixed.append((out_ref, f"{node.name}: output channels not traced to a source"))
+                    fixed.append((out_ref, f"{name}: output channels not traced to a source"))
         if self.kind in (SPLIT, INDEX):
             sizes = {r: int(np.prod([shape[a] for a in r.axes])) for k, shape, _ in spans for r in all_in if r.value == k}
-            fixed.extend(self._check_index_op(node, coverage, sizes))
-        if node.op == "call_method" and node.target in _LIKE and len(node.args) > 1:
-            links, fixed, meta_untouched = self._like(node, env, links, fixed, out_refs)
-        else:
-            meta_untouched = ()
-        meta = {"kind": self.kind, "opaque": frozenset(opaque), "untouched": meta_untouched}
-        roles = ()
-        if node.target in (torch.cat, torch.concat, torch.stack):  # a parameter concatenated in writes channels
-            from .pointwise import _parameter_behind
-
-            roles = tuple(
-                Role("writer", r, owner, node.name)
-                for a in inputs
-                for owner in [_parameter_behind(a, env)]
-                if owner is not None
-                for r in env.dims(a)
-                if any(l.b == r for l in links)
-            )
-        return Effects(outputs=tuple(dict.fromkeys(out_refs)), links=tuple(links), fixed=tuple(fixed), roles=roles, meta=meta)
+            fixed.extend(self._check_index_op(name, coverage, sizes))
+        meta = {"kind": self.kind, "opaque": frozenset(opaque), "untouched": ()}
+        return Effects(outputs=tuple(dict.fromkeys(out_refs)), links=tuple(links), fixed=tuple(fixed), meta=meta)
 
     def constants(self, node, env, known):
         """Moved data keeps its values: an output channel is constant iff every position
@@ -211,7 +343,7 @@ class Movement(ChannelRule):
         dim = env.concrete(env.arg(index, "dim", 0))
         return dim % len(shape) if isinstance(dim, int) else None
 
-    def _check_index_op(self, node, coverage, sizes):
+    def _check_index_op(self, name, coverage, sizes):
         """Indexing and splitting are exact to rewrite when each input channel lands exactly
         once and in order (a partition); anything else (a partial slice, a reorder) is kept."""
         bad = []
@@ -221,9 +353,9 @@ class Movement(ChannelRule):
             in_order = all(np.all(np.diff(t) == 1) for t in tables)
             partition = len(hits) == sizes[ref] and len(np.unique(hits)) == sizes[ref]
             if not (in_order and partition):
-                bad.append((ref, f"{node.name}: indexes channels (a slice, select or reorder); kept"))
+                bad.append((ref, f"{name}: indexes channels (a slice, select or reorder); kept"))
             elif self.kind == INDEX and len(parts) > 1:
-                bad.append((ref, f"{node.name}: splits channels by index; kept"))
+                bad.append((ref, f"{name}: splits channels by index; kept"))
         return bad
 
 

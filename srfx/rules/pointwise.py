@@ -15,16 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..facts import Effects, Link, Ref, Role
-from ..registry import ChannelRule, register_instance
+from ..registry import ChannelRule, lookup, register_instance
 from .common import call_with, mutates_input, per_channel_constant, probe, used_after
+from .movement import Movement
 
 __all__ = ["Pointwise", "pointwise_effects"]
 
 def _parameter_behind(value, env):
     """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
-    from ..registry import lookup
-    from .movement import Movement
-
     while value is not None and hasattr(value, "op"):
         if env.param_name(value) is not None:
             return env.param_name(value)
