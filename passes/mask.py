@@ -1,20 +1,39 @@
-"""mask: unstructured magnitude pruning. Returns a masked copy; the input is not modified.
+"""mask: magnitude pruning, unstructured or unit-level. Returns masks; the input is not modified
+unless a function says so.
 
-Global (one threshold over all prunable tensors) or per-layer (the same fraction of each).
-By default Linear and Conv weights are prunable; ``include`` adds biases, norm affine
-parameters or any parameter whose qualified name matches. Masks are returned so training
-can keep pruned weights at zero (see :func:`apply_masks`).
+What is prunable: the weights of Linear and ConvNd modules by default; ``include`` adds biases,
+norm affine parameters, layer scales or any parameter whose qualified name matches (fnmatch).
+
+Two families of masks:
+
+* :func:`magnitude_masks`: zero the ``sparsity`` fraction of weights with the smallest *score*,
+  globally or per layer. ``score="magnitude"`` is ``|w|``. ``score="unit"`` is structure-aware:
+  ``|w_ij| * (r_i / mean r) * (c_j / mean c)`` with ``r``/``c`` the L2 norms of the weight's rows
+  (output units) and columns (inputs) over the weights still alive, so a weak row or column
+  loses its weights first and dies as a whole; exact minimization then removes it. A callable
+  ``score(name, weight) -> tensor`` plugs in any other criterion.
+* :func:`unit_masks`: structured. Removes whole *inputs* of Linear/Conv weights (columns: an input
+  pixel of the first layer, a hidden unit or channel of the layers after it) until the prunable
+  weights reach ``sparsity``. An input's damage is ``std(x_j) * ||W[:, j]||`` measured on a
+  calibration batch (``||W[:, j]||`` without one), relative to the layer's mean, lowest first
+  (so each layer loses its weakest inputs; :func:`srfx.cycle.unit_pruner` with a loss picks the
+  layer by measured damage per weight instead). With ``compensate=True`` each removed input's mean is folded into the layer's bias
+  (mean replacement), so a nearly constant input (an MNIST border pixel) goes for free.
+
+``>>> m = nn.Linear(4, 3); masks = magnitude_masks(m, 0.5)``: ``masks["weight"]`` keeps 6 of 12.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["prunable_parameters", "magnitude_masks", "mask", "apply_masks"]
+__all__ = ["prunable_parameters", "magnitude_masks", "unit_masks", "unit_score", "mask", "apply_masks", "masks_sparsity"]
+
+Score = Union[str, Callable[[str, torch.Tensor], torch.Tensor]]
 
 
 def prunable_parameters(model: nn.Module, include: Iterable[str] = ()) -> dict[str, nn.Parameter]:
@@ -32,6 +51,40 @@ def prunable_parameters(model: nn.Module, include: Iterable[str] = ()) -> dict[s
     return chosen
 
 
+def unit_score(w: torch.Tensor) -> torch.Tensor:
+    """``|w_ij|`` times the relative norms of row ``i`` and column ``j`` (2-D and up; other
+    tensors: ``|w|``). Rows and columns already dead score 0, weak ones score low everywhere."""
+    a = w.detach().abs().float()
+    if a.dim() < 2:
+        return a
+    sq = a.pow(2)
+    other = tuple(range(2, a.dim()))
+    rows = (sq.sum(dim=(1,) + other).sqrt()).view(-1, *([1] * (a.dim() - 1)))
+    cols = (sq.sum(dim=(0,) + other).sqrt()).view(1, -1, *([1] * (a.dim() - 2)))
+    rows = rows / rows.mean().clamp_min(1e-30)
+    cols = cols / cols.mean().clamp_min(1e-30)
+    return a * rows * cols
+
+
+def _scores(params: dict[str, torch.Tensor], score: Score, existing: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in params.items():
+        keep = existing.get(n)
+        w = p.detach() if keep is None else p.detach() * keep.to(p.dtype)
+        if score == "magnitude":
+            s = w.abs()
+        elif score == "unit":
+            s = unit_score(w)
+        elif callable(score):
+            s = score(n, w).detach().abs()
+            if s.shape != w.shape:
+                raise ValueError(f"score({n!r}) returned shape {tuple(s.shape)}, expected {tuple(w.shape)}")
+        else:
+            raise ValueError(f"score must be 'magnitude', 'unit' or a callable, got {score!r}")
+        out[n] = s * (w != 0)  # exact zeros (pruned or dead) always count as pruned
+    return out
+
+
 def magnitude_masks(
     model: nn.Module,
     sparsity: float,
@@ -39,32 +92,151 @@ def magnitude_masks(
     scope: str = "global",
     include: Iterable[str] = (),
     existing: Optional[dict[str, torch.Tensor]] = None,
+    score: Score = "magnitude",
 ) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks that zero the ``sparsity`` fraction of smallest-magnitude weights.
+    """Boolean keep-masks that zero the ``sparsity`` fraction of lowest-scoring weights.
 
     Weights already zero (or masked in ``existing``) count as pruned, so iterating with a
-    rising ``sparsity`` is a schedule.
+    rising ``sparsity`` is a schedule. ``scope="layer"`` prunes the same fraction of each tensor.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     params = prunable_parameters(model, include)
-    existing = existing or {}
-    scores = {n: p.detach().abs() * existing.get(n, torch.ones_like(p, dtype=torch.bool)) for n, p in params.items()}
+    scores = _scores(params, score, existing or {})
     if scope == "global":
         flat = torch.cat([s.flatten() for s in scores.values()]) if scores else torch.zeros(0)
         k = int(sparsity * flat.numel())
         if k == 0:
-            return {n: s != 0 for n, s in scores.items()} if existing else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
-        threshold = flat.kthvalue(k).values
-        masks = {n: s > threshold for n, s in scores.items()}
-        return masks
-    if scope == "layer":
-        masks = {}
+            return {n: s != 0 for n, s in scores.items()}
+        # rank, not threshold: ties (many equal scores) must not prune more than asked
+        order = flat.argsort(stable=True)
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[order[:k]] = False
+        keep &= flat != 0
+        masks, at = {}, 0
         for n, s in scores.items():
-            k = int(sparsity * s.numel())
-            masks[n] = s > s.flatten().kthvalue(k).values if k else s != 0 if existing else torch.ones_like(s, dtype=torch.bool)
+            masks[n] = keep[at : at + s.numel()].view_as(s)
+            at += s.numel()
         return masks
-    raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    masks = {}
+    for n, s in scores.items():
+        k = int(sparsity * s.numel())
+        keep = torch.ones(s.numel(), dtype=torch.bool)
+        keep[s.flatten().argsort(stable=True)[:k]] = False
+        masks[n] = keep.view_as(s) & (s != 0)
+    return masks
+
+
+def _input_stats(model: nn.Module, batch: Any, names: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-input-channel (mean, std) of every chosen module's input on ``batch`` (eval mode)."""
+    stats, hooks = {}, []
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0].detach()
+            if isinstance(mod, nn.Linear):
+                x = x.reshape(-1, x.shape[-1])
+            else:
+                x = x.movedim(1, -1).reshape(-1, x.shape[1])
+            stats[name] = (x.double().mean(0), x.double().std(0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=torch.float64))
+
+        return record
+
+    for name, mod in names.items():
+        hooks.append(mod.register_forward_pre_hook(hook(name)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*batch) if isinstance(batch, tuple) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return stats
+
+
+def unit_masks(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    calibration_batch: Any = None,
+    existing: Optional[dict[str, torch.Tensor]] = None,
+    layers: Optional[Iterable[str]] = None,
+    compensate: bool = False,
+    min_inputs: int = 1,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks over the Linear/Conv weights that remove whole inputs (columns) until the
+    fraction of zero weights reaches ``sparsity``; see the module docstring.
+
+    ``layers``: qualified module names whose inputs may go (default: every Linear/ConvNd with
+    ``groups == 1``). Each layer keeps at least ``min_inputs`` live inputs. With ``compensate``
+    (needs ``calibration_batch``) the model is changed in place: the bias of a layer absorbs
+    ``W[:, j] * mean(x_j)`` for every removed input ``j`` (a layer without a bias is not
+    compensated). Masks are for the ``.weight`` of every Linear/Conv; other tensors are left out.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if compensate and calibration_batch is None:
+        raise ValueError("compensate=True needs a calibration_batch to measure input means")
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    chosen = set(mods) if layers is None else set(layers)
+    unknown = chosen - set(mods)
+    if unknown:
+        raise ValueError(f"not Linear/Conv modules of the model: {sorted(unknown)}")
+    existing = existing or {}
+    weights = {n: m.weight.detach() * existing.get(f"{n}.weight", torch.ones((), dtype=torch.bool)).to(m.weight.dtype) for n, m in mods.items()}
+    stats = _input_stats(model, calibration_batch, mods) if calibration_batch is not None else {}
+    masks = {n: weights[n] != 0 for n in mods}
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((~k).sum()) for k in masks.values())
+    need = int(sparsity * total) - zeros
+    if need <= 0:
+        return {f"{n}.weight": k for n, k in masks.items()}
+    cands = []  # (relative damage, layer, column); cost-aware choice needs a loss (srfx.cycle.unit_pruner)
+    for n in sorted(chosen):
+        m = mods[n]
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+            continue
+        w = weights[n]
+        cols = w.movedim(1, 0).reshape(w.shape[1], -1) if w.dim() > 1 else w.reshape(1, -1)
+        norm = cols.double().norm(dim=1)
+        live = masks[n].movedim(1, 0).reshape(w.shape[1], -1).sum(1) if w.dim() > 1 else masks[n].reshape(1, -1).sum(1)
+        damage = norm * stats[n][1] if n in stats else norm
+        damage = damage / damage[live > 0].mean().clamp_min(1e-30) if (live > 0).any() else damage
+        for j in torch.nonzero(live > 0).flatten().tolist():
+            cands.append((float(damage[j]), n, j, int(live[j])))
+    cands.sort(key=lambda c: c[0])
+    alive = {n: int((masks[n].movedim(1, 0).reshape(weights[n].shape[1], -1).sum(1) > 0).sum()) for n in chosen if weights[n].dim() > 1}
+    removed: dict[str, list[int]] = {}
+    for _, n, j, live in cands:
+        if need <= 0:
+            break
+        if alive.get(n, 0) <= min_inputs:
+            continue
+        masks[n].select(1, j).fill_(False)
+        alive[n] -= 1
+        need -= live
+        removed.setdefault(n, []).append(j)
+    if compensate:
+        with torch.no_grad():
+            for n, cols in removed.items():
+                m = mods[n]
+                if getattr(m, "bias", None) is None:
+                    continue
+                idx = torch.tensor(cols)
+                mu = stats[n][0][idx].to(m.weight.dtype)
+                w = m.weight.detach().index_select(1, idx)
+                m.bias += (w * mu.view(1, -1, *([1] * (w.dim() - 2)))).sum(dim=tuple(i for i in range(w.dim()) if i != 0))
+    return {f"{n}.weight": k for n, k in masks.items()}
+
+
+def masks_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of masked-out positions."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -75,9 +247,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             params[name].mul_(m.to(params[name].dtype))
 
 
-def mask(model: nn.Module, sparsity: float, *, scope: str = "global", include: Iterable[str] = ()) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A copy of ``model`` with the smallest weights zeroed, and the masks used."""
+def mask(model: nn.Module, sparsity: float, *, scope: str = "global", include: Iterable[str] = (), score: Score = "magnitude") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``model`` with the lowest-scoring weights zeroed, and the masks used."""
     out = copy.deepcopy(model)
-    masks = magnitude_masks(out, sparsity, scope=scope, include=include)
+    masks = magnitude_masks(out, sparsity, scope=scope, include=include, score=score)
     apply_masks(out, masks)
     return out, masks

@@ -2,49 +2,75 @@
 
 One cycle:
 
-1. **prune** the current model towards ``target_sparsity`` (global magnitude masks over the
-   Linear/Conv weights) with an adaptive schedule: each step prunes ``rate`` of the remaining
-   weights, trains ``recovery_epochs`` with the masks fixed and evaluates; if validation accuracy
-   fell below ``reference - tolerance`` the step is rolled back (weights restored) and the rate
-   halved; below ``min_rate`` the cycle stops pruning where it is;
-2. **fine-tune** ``finetune_epochs`` with the masks fixed (the training loop re-zeroes masked
-   weights after every optimizer step);
-3. **minimize**: :func:`srfx.compress` (verified: same function, smaller dense GraphModule);
-4. record the cycle (params, stored, nonzeros, MACs, accuracy, seconds) in ``history``;
-5. **release** (unless it is the last cycle): the exact zeros left in the compacted weights become
-   calibrated noise (:func:`srfx.passes.release`), all weights trainable again; the parameter
-   shapes changed, so the optimizer is rebuilt (``rebuild_optimizer`` hook; the built-in
-   :class:`SupervisedLoop` does it itself). The next cycle first trains ``release_epochs``
-   (default 0) with every weight free, so released positions can grow before pruning again.
+1. **prune** the current model towards the cycle's target sparsity (of the Linear/Conv weights,
+   plus ``include``) with an adaptive schedule: each step asks the ``pruner`` for masks at
+   ``rate`` of the remaining weights more, trains ``recovery_epochs`` with the masks fixed and
+   evaluates; if validation accuracy fell below ``reference - tolerance`` the step is rolled back
+   (weights restored) and the rate halved; below ``min_rate`` the cycle stops pruning where it is.
+   The pruner is pluggable: ``pruner(model, sparsity, masks) -> masks`` (it may also adjust kept
+   weights in place, e.g. fold a removed input's mean into a bias; a rollback restores them).
+   ``"magnitude"`` (default) and ``"unit"`` are global magnitude masks with the plain and the
+   structure-aware score of :func:`srfx.passes.mask.magnitude_masks`; :func:`unit_pruner` removes
+   whole inputs/units (:func:`srfx.passes.mask.unit_masks`).
+2. **fine-tune** ``finetune_epochs`` with the masks fixed;
+3. **minimize**: :func:`srfx.compress` (verified: same function, smaller dense GraphModule) of
+   :func:`ungather` (model): from cycle 2 on, the model's first layer reads its inputs through
+   the ``index_select`` an earlier compress inserted, which the planner treats as a barrier, so
+   more inputs could never go; undoing it first lets every cycle drop pixels;
+4. record the cycle (:class:`CycleRecord`: params, stored, nonzeros, MACs, widths, accuracy,
+   seconds) in ``history``;
+5. **release** (unless it is the last cycle; ``release=False`` is the ablation that keeps the
+   zeros pruned and trains the compacted model under its masks): the exact zeros left in the
+   compacted weights become calibrated noise (:func:`srfx.passes.release`), all weights trainable again. The parameter
+   shapes changed, so the optimizer state must follow: with ``optimizer_state="slice"`` and the
+   built-in :class:`SupervisedLoop` the state (momentum, Adam's moments and step) is sliced with
+   the indices minimize kept (:func:`kept_indices`); ``"rebuild"`` (default) starts a fresh
+   optimizer through the ``rebuild_optimizer`` hook. The next cycle first trains
+   ``release_epochs`` (default 0) with every weight free.
 
-The training and evaluation are the user's: ``train(model, epochs, masks) -> model`` (``masks``:
-name -> bool keep-mask; keep masked weights at zero, e.g. :func:`srfx.passes.apply_masks` after
-each step; ``epochs`` may be fractional) and ``evaluate(model) -> float`` (higher is better,
-e.g. validation accuracy). A ``train`` callable that builds its optimizer on each call needs no
-hook; one that keeps an optimizer across calls must rebuild it in ``rebuild_optimizer(model)``.
-:meth:`SqueezeRelease.supervised` wires the standard classification loop from DataLoaders.
+``target_params`` ends the run early once the compressed model stores no more than that: each
+cycle's target is capped so as not to overshoot it by much, a pruning step whose exact
+minimization (measured with an unverified :func:`srfx.compress`) would store less than
+``overshoot * target_params`` is retried at half the rate, and pruning stops at the first step
+that is small enough.
 
-Not yet: checkpoint/resume between cycles, progress bars, slicing optimizer state (momentum,
-Adam moments) with the minimize indices instead of rebuilding the optimizer.
+The training and evaluation are the user's: ``train(model, epochs, masks) -> model`` (keep
+masked weights at zero, e.g. :func:`srfx.passes.apply_masks` after each step; ``epochs`` may be
+fractional) and ``evaluate(model) -> float`` (higher is better, e.g. validation accuracy).
+:meth:`SqueezeRelease.supervised` wires :class:`SupervisedLoop` (cross-entropy, optional
+distillation from a teacher, Adam, optional cosine learning rate per call).
+
+**Checkpoints.** With ``checkpoint`` (a file path) the driver saves its state after every stage
+(pruned, fine-tuned, minimized, released) and ``run()`` resumes from that file, so an
+interrupted run loses at most the stage in progress. The state holds the model, masks,
+history, compressed models, the torch RNG state and, for :class:`SupervisedLoop`, its optimizer
+state and its loaders' ``generator`` states; a resumed run repeats the uninterrupted one when
+training draws its randomness from those. Files are written with ``torch.save`` (load them
+only from trusted places: they hold GraphModules).
+
+**Progress.** ``progress=True`` shows a bar per cycle stage (tqdm when installed, else a plain
+status line on stderr); ``log=None`` silences the text log.
 """
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from tabulate import tabulate
 
+from .pruners import Pruner, kept_indices, magnitude_pruner, ungather, unit_pruner
 from .report import count_macs, count_nonzero, count_parameters, count_stored
+from .supervised import SupervisedLoop, _Progress
 
-__all__ = ["SqueezeRelease", "SupervisedLoop", "CycleRecord", "sparsity_of"]
-
+__all__ = ["SqueezeRelease", "SupervisedLoop", "CycleRecord", "sparsity_of", "kept_indices", "unit_pruner", "magnitude_pruner", "ungather"]
 
 def sparsity_of(model: nn.Module, include: Iterable[str] = ()) -> float:
     """Fraction of exact zeros among the prunable weights (Linear/Conv weights + ``include``)."""
@@ -54,6 +80,13 @@ def sparsity_of(model: nn.Module, include: Iterable[str] = ()) -> float:
     total = sum(p.numel() for p in params.values())
     zeros = sum(int((p == 0).sum()) for p in params.values())
     return zeros / total if total else 0.0
+
+
+def _widths(model: nn.Module) -> tuple:
+    mods = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if not mods:
+        return ()
+    return (mods[0].weight.shape[1],) + tuple(m.weight.shape[0] for m in mods)
 
 
 @dataclass(frozen=True)
@@ -70,78 +103,15 @@ class CycleRecord:
     rollbacks: int
     released: int  # weights released after this cycle (0 for the last)
     optimizer_rebuilt: bool
+    widths: tuple = ()  # (inputs of the first Linear/Conv, outputs of each Linear/Conv)
+    optimizer: str = ""  # "rebuilt", "sliced (n of m tensors)", "" (no hook, last cycle)
+    stage_seconds: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class SupervisedLoop:
-    """The common supervised case: cross-entropy (or ``loss``) over a train DataLoader, accuracy
-    over a validation DataLoader. Keeps one optimizer and rebuilds it whenever the model's
-    parameters changed (a new module after minimize/release, or different shapes)."""
-
-    def __init__(
-        self,
-        train_loader: Iterable,
-        val_loader: Iterable,
-        *,
-        lr: float = 1e-3,
-        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-        loss: Callable = F.cross_entropy,
-        **optimizer_kwargs,
-    ):
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.lr, self.make_optimizer, self.loss, self.optimizer_kwargs = lr, optimizer, loss, optimizer_kwargs
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.rebuilds = 0
-        self._key = None
-
-    @staticmethod
-    def _params_key(model: nn.Module):
-        return tuple((id(p), tuple(p.shape)) for p in model.parameters())
-
-    def rebuild_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        self.optimizer = self.make_optimizer(model.parameters(), lr=self.lr, **self.optimizer_kwargs)
-        self._key = self._params_key(model)
-        self.rebuilds += 1
-        return self.optimizer
-
-    def train(self, model: nn.Module, epochs: float, masks: Optional[dict] = None) -> nn.Module:
-        from srfx.passes import apply_masks
-
-        if self.optimizer is None or self._key != self._params_key(model):
-            self.rebuild_optimizer(model)
-        opt = self.optimizer
-        try:
-            per_epoch = len(self.train_loader)
-        except TypeError:
-            per_epoch = None
-        steps_left = math.ceil(epochs * per_epoch) if per_epoch is not None else None
-        full = math.ceil(epochs)
-        model.train()
-        for _ in range(full):
-            for x, y in self.train_loader:
-                if steps_left is not None and steps_left <= 0:
-                    break
-                opt.zero_grad(set_to_none=True)
-                self.loss(model(x), y).backward()
-                opt.step()
-                if masks:
-                    apply_masks(model, masks)
-                if steps_left is not None:
-                    steps_left -= 1
-        return model.eval()
-
-    def evaluate(self, model: nn.Module) -> float:
-        was = model.training
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in self.val_loader:
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-        model.train(was)
-        return correct / max(1, total)
+_STAGES = ("start", "pruned", "finetuned", "minimized", "released")  # what a checkpoint's "stage" can say
 
 
 class SqueezeRelease:
@@ -149,6 +119,7 @@ class SqueezeRelease:
 
     ``run()`` returns the last cycle's compressed GraphModule; ``history`` has one
     :class:`CycleRecord` per cycle and ``models`` the compressed module of each cycle.
+    ``target_sparsity``, ``finetune_epochs`` take one value or one per cycle.
     """
 
     def __init__(
@@ -160,20 +131,27 @@ class SqueezeRelease:
         *,
         cycles: int = 3,
         target_sparsity: Union[float, Sequence[float]] = 0.9,
+        target_params: Optional[int] = None,
+        overshoot: float = 0.95,
+        pruner: Union[str, Pruner] = "magnitude",
         prune_rate: float = 0.5,
         min_rate: float = 1 / 32,
         tolerance: float = 0.01,
         reference_accuracy: Optional[float] = None,
         recovery_epochs: float = 1.0,
-        finetune_epochs: float = 2.0,
+        finetune_epochs: Union[float, Sequence[float]] = 2.0,
         release_epochs: float = 0.0,
+        release: bool = True,
         max_prune_steps: int = 30,
         release_scale: float = 0.1,
         release_mode: str = "relative",
         calibration_batch: Any = None,
         max_output_change: Optional[float] = None,
         rebuild_optimizer: Optional[Callable[[nn.Module], Any]] = None,
+        optimizer_state: str = "rebuild",
         include: Iterable[str] = (),
+        checkpoint: Union[str, os.PathLike, None] = None,
+        progress: bool = False,
         seed: int = 0,
         log: Optional[Callable[[str], None]] = print,
     ):
@@ -182,29 +160,42 @@ class SqueezeRelease:
         targets = [target_sparsity] * cycles if isinstance(target_sparsity, (int, float)) else list(target_sparsity)
         if len(targets) != cycles or not all(0.0 <= t < 1.0 for t in targets):
             raise ValueError(f"target_sparsity must be in [0, 1) (one value, or one per cycle), got {target_sparsity}")
+        finetune = [finetune_epochs] * cycles if isinstance(finetune_epochs, (int, float)) else list(finetune_epochs)
+        if len(finetune) != cycles:
+            raise ValueError(f"finetune_epochs: one value or one per cycle, got {finetune_epochs}")
         if not 0.0 < prune_rate < 1.0:
             raise ValueError(f"prune_rate must be in (0, 1), got {prune_rate}")
+        if optimizer_state not in ("rebuild", "slice"):
+            raise ValueError(f"optimizer_state must be 'rebuild' or 'slice', got {optimizer_state!r}")
+        if isinstance(pruner, str):
+            if pruner not in ("magnitude", "unit"):
+                raise ValueError(f"pruner must be 'magnitude', 'unit' or a callable, got {pruner!r}")
+            pruner = magnitude_pruner(pruner, include)
         self.model = copy.deepcopy(model)  # the driver trains its own copy
         self.example_input = example_input
         self.train_fn, self.evaluate_fn = train, evaluate
-        self.cycles, self.targets = cycles, targets
+        self.cycles, self.targets, self.finetune = cycles, targets, finetune
+        self.target_params, self.pruner, self.overshoot = target_params, pruner, overshoot
         self.prune_rate, self.min_rate, self.tolerance = prune_rate, min_rate, tolerance
         self.reference_accuracy = reference_accuracy
-        self.recovery_epochs, self.finetune_epochs, self.max_prune_steps = recovery_epochs, finetune_epochs, max_prune_steps
-        self.release_epochs = release_epochs
+        self.recovery_epochs, self.max_prune_steps = recovery_epochs, max_prune_steps
+        self.release_epochs, self.release_enabled = release_epochs, release
         self.release_kwargs = dict(scale=release_scale, mode=release_mode, calibration_batch=calibration_batch, max_output_change=max_output_change)
-        self.rebuild_optimizer = rebuild_optimizer
+        self.rebuild_optimizer, self.optimizer_state = rebuild_optimizer, optimizer_state
         self.include = tuple(include)
-        self.seed = seed
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.progress, self.seed = progress, seed
         self.log = log or (lambda s: None)
+        self.loop: Optional[SupervisedLoop] = None
         self.history: list[CycleRecord] = []
         self.models: list[fx.GraphModule] = []
         self.release_reports: list = []
 
     @classmethod
-    def supervised(cls, model: nn.Module, example_input: Any, train_loader: Iterable, val_loader: Iterable, *, lr: float = 1e-3, optimizer=torch.optim.Adam, **kwargs) -> "SqueezeRelease":
-        """The standard loop: Adam (or ``optimizer``) on cross-entropy, validation accuracy."""
-        loop = SupervisedLoop(train_loader, val_loader, lr=lr, optimizer=optimizer)
+    def supervised(cls, model: nn.Module, example_input: Any, train_loader: Iterable, val_loader: Iterable, *, lr: float = 1e-3, optimizer=torch.optim.Adam, loss: Callable = torch.nn.functional.cross_entropy, teacher: Optional[nn.Module] = None, distill: float = 0.5, temperature: float = 4.0, schedule: str = "constant", **kwargs) -> "SqueezeRelease":
+        """The standard loop (:class:`SupervisedLoop`): Adam (or ``optimizer``) on cross-entropy
+        (or ``loss(output, target)``), optionally distilled from ``teacher``; validation accuracy."""
+        loop = SupervisedLoop(train_loader, val_loader, lr=lr, optimizer=optimizer, loss=loss, teacher=teacher, distill=distill, temperature=temperature, schedule=schedule, progress=kwargs.get("progress", False))
         driver = cls(model, example_input, loop.train, loop.evaluate, rebuild_optimizer=loop.rebuild_optimizer, **kwargs)
         driver.loop = loop
         return driver
@@ -212,90 +203,190 @@ class SqueezeRelease:
     # -- one cycle's stages --------------------------------------------------------------
 
     def _prune(self, model: nn.Module, target: float, masks: dict) -> tuple[nn.Module, dict, int, int]:
-        from srfx.passes import apply_masks, magnitude_masks
+        from srfx.passes import apply_masks
 
         floor = self.reference_accuracy - self.tolerance
         rate, steps, rollbacks = self.prune_rate, 0, 0
         s = sparsity_of(model, self.include)
+        bar = _Progress(self.max_prune_steps, "prune", self.progress)
         while s < target - 1e-9 and steps + rollbacks < self.max_prune_steps:
             s_next = min(target, 1.0 - (1.0 - s) * (1.0 - rate))
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            new_masks = magnitude_masks(model, s_next, include=self.include, existing=masks)
+            new_masks = self.pruner(model, s_next, masks)
             apply_masks(model, new_masks)
+            if self.target_params is not None and rate / 2 >= self.min_rate and self._deployable(model) < self.overshoot * self.target_params:
+                model.load_state_dict(snapshot)  # far below target_params: a smaller step lands nearer
+                rate /= 2
+                continue
             model = self.train_fn(model, self.recovery_epochs, new_masks)
             acc = self.evaluate_fn(model)
             if acc >= floor:
                 masks, steps = new_masks, steps + 1
                 s = sparsity_of(model, self.include)
                 self.log(f"  prune step -> {s:.1%} sparsity, accuracy {acc:.4f} (rate {rate:.3g})")
+                bar.update(1, f"{s:.1%} sparse, acc {acc:.4f}")
                 if s_next >= target:  # measured sparsity can sit a hair below it (integer k)
+                    break
+                if self.target_params is not None and self._deployable(model) <= self.target_params:
+                    self.log(f"  deployable size at most target_params={self.target_params}: pruning stops")
                     break
             else:
                 model.load_state_dict(snapshot)
                 rollbacks += 1
+                bar.update(1, f"rollback, rate {rate / 2:.3g}")
                 self.log(f"  prune step to {s_next:.1%} rolled back: accuracy {acc:.4f} < {floor:.4f}; rate {rate:.3g} -> {rate / 2:.3g}")
                 rate /= 2
                 if rate < self.min_rate:
                     break
+        bar.close()
         return model, masks, steps, rollbacks
 
-    def _rebuild(self, model: nn.Module) -> bool:
-        if self.rebuild_optimizer is None:
-            return False
-        self.rebuild_optimizer(model)
-        return True
+    def _deployable(self, model: nn.Module) -> int:
+        """Stored parameters of the model's exact minimization (unverified: only its size counts)."""
+        import srfx
+
+        return count_stored(srfx.compress(ungather(model.eval(), self.example_input), self.example_input, verify=False))
+
+    def _cycle_target(self, c: int, model: nn.Module) -> float:
+        t = self.targets[c]
+        if self.target_params is not None:  # aim at target_params, do not overshoot it by much
+            from srfx.passes.mask import prunable_parameters
+
+            prunable = sum(p.numel() for p in prunable_parameters(model, self.include).values())
+            over = count_stored(model) - self.target_params
+            t = min(t, sparsity_of(model, self.include) + max(0, over) / max(1, prunable), 0.999)
+        return t
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _save(self, state: dict) -> None:
+        if self.checkpoint is None:
+            return
+        state = dict(state, history=self.history, models=self.models, release_reports=self.release_reports, reference_accuracy=self.reference_accuracy, rng=torch.get_rng_state())
+        if self.loop is not None:
+            state["loop"] = self.loop.state_dict(state["model"])
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)  # a crash while writing leaves the previous checkpoint
+
+    def _load(self) -> Optional[dict]:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return None
+        state = torch.load(self.checkpoint, weights_only=False)
+        self.history, self.models, self.release_reports = list(state["history"]), list(state["models"]), list(state["release_reports"])
+        self.reference_accuracy = state["reference_accuracy"]
+        torch.set_rng_state(state["rng"])
+        if self.loop is not None and "loop" in state:
+            self.loop.load_state_dict(state["model"], state["loop"])
+        self.log(f"resumed from {self.checkpoint}: cycle {state['cycle'] + 1}, after stage '{state['stage']}'")
+        return state
+
+    def _done(self, small: Optional[fx.GraphModule]) -> bool:
+        return self.target_params is not None and small is not None and count_stored(small) <= self.target_params
 
     def run(self) -> fx.GraphModule:
         import srfx
         from srfx.passes import apply_masks, release
-
-        model = self.model
-        if self.reference_accuracy is None:
-            self.reference_accuracy = self.evaluate_fn(model)
-        self.log(f"reference accuracy {self.reference_accuracy:.4f}, tolerance {self.tolerance}")
         from srfx.passes.mask import prunable_parameters
 
-        masks = {n: p.detach() != 0 for n, p in prunable_parameters(model, self.include).items()}
-        small = None
-        for c in range(self.cycles):
+        st = self._load()
+        if st is None:
+            model = self.model
+            if self.reference_accuracy is None:
+                self.reference_accuracy = self.evaluate_fn(model)
+            masks = {n: p.detach() != 0 for n, p in prunable_parameters(model, self.include).items()}
+            st = {"cycle": 0, "stage": "start", "model": model, "masks": masks, "small": None, "info": {}}
+        self.log(f"reference accuracy {self.reference_accuracy:.4f}, tolerance {self.tolerance}")
+        c, stage, model, masks, small, info = st["cycle"], st["stage"], st["model"], st["masks"], st["small"], dict(st["info"])
+        bar = _Progress(self.cycles, "cycles", self.progress)
+        bar.update(c)
+        while c < self.cycles:
+            if stage == "minimized" and (c + 1 == self.cycles or self._done(small)):
+                break  # the last cycle is not released
+            if stage == "released":
+                c, stage, info = c + 1, "start", {}
+                bar.update(1)
+                continue
+            def save(s):
+                nonlocal stage
+                stage = s
+                self._save({"cycle": c, "stage": s, "model": model, "masks": masks, "small": small, "info": info})
+
             t0 = time.perf_counter()
-            self.log(f"cycle {c + 1}/{self.cycles}: target sparsity {self.targets[c]:.1%}")
-            if c > 0 and self.release_epochs > 0:  # the released weights train freely before pruning again
-                model = self.train_fn(model, self.release_epochs, masks)
-            model, masks, steps, rollbacks = self._prune(model, self.targets[c], masks)
-            model = self.train_fn(model, self.finetune_epochs, masks)
-            apply_masks(model, masks)
-            sparsity = sparsity_of(model, self.include)
-            small = srfx.compress(model.eval(), self.example_input)
-            acc = self.evaluate_fn(small)
-            released, rebuilt = 0, False
-            if c + 1 < self.cycles:
-                model, masks, rep = release(small, seed=self.seed + c, include=self.include, **self.release_kwargs)
-                self.release_reports.append(rep)
-                released = rep.released
-                rebuilt = self._rebuild(model)
-            record = CycleRecord(
-                cycle=c + 1,
-                sparsity=sparsity,
-                params=count_parameters(small),
-                stored=count_stored(small),
-                nnz=count_nonzero(small),
-                macs=count_macs(small),
-                accuracy=acc,
-                seconds=time.perf_counter() - t0,
-                prune_steps=steps,
-                rollbacks=rollbacks,
-                released=released,
-                optimizer_rebuilt=rebuilt,
-            )
-            self.history.append(record)
-            self.models.append(small)
-            self.log(
-                f"cycle {c + 1}: stored {record.stored}, nnz {record.nnz}, MACs {record.macs}, accuracy {acc:.4f}, "
-                f"{record.seconds:.1f} s; released {released}"
-            )
+            if stage == "start":
+                target = self._cycle_target(c, model)
+                self.log(f"cycle {c + 1}/{self.cycles}: target sparsity {target:.1%}")
+                if c > 0 and self.release_epochs > 0:  # the released weights train freely before pruning again
+                    model = self.train_fn(model, self.release_epochs, masks)
+                model, masks, info["steps"], info["rollbacks"] = self._prune(model, target, masks)
+                info["seconds"] = {"prune": time.perf_counter() - t0}
+                save("pruned")
+            elif stage == "pruned":
+                model = self.train_fn(model, self.finetune[c], masks)
+                apply_masks(model, masks)
+                info["sparsity"] = sparsity_of(model, self.include)
+                info["seconds"]["finetune"] = time.perf_counter() - t0
+                save("finetuned")
+            elif stage == "finetuned":
+                info["cuts"] = kept_indices(model.eval(), self.example_input) if self.optimizer_state == "slice" and self.loop is not None else None
+                small = srfx.compress(ungather(model.eval(), self.example_input), self.example_input)
+                info["accuracy"] = self.evaluate_fn(small)
+                info["seconds"]["minimize"] = time.perf_counter() - t0
+                self.models.append(small)
+                self._record(c, small, info, released=0, optimizer="")
+                save("minimized")
+            elif stage == "minimized":
+                if self.release_enabled:
+                    new, masks, rep = release(small, seed=self.seed + c, include=self.include, **self.release_kwargs)
+                    self.release_reports.append(rep)
+                    released = rep.released
+                else:  # ablation: the zeros stay pruned, the compacted model trains on under its masks
+                    new = copy.deepcopy(small)
+                    masks = {n: p.detach() != 0 for n, p in prunable_parameters(new, self.include).items()}
+                    released = 0
+                optimizer = ""
+                if info.get("cuts") is not None:
+                    done, total = self.loop.adopt(new, model, info["cuts"])
+                    optimizer = f"sliced ({done} of {total} tensors)"
+                elif self.rebuild_optimizer is not None:
+                    self.rebuild_optimizer(new)
+                    optimizer = "rebuilt"
+                model = new
+                info["seconds"]["release"] = time.perf_counter() - t0
+                self.history[-1] = self._replace(self.history[-1], released=released, optimizer_rebuilt=bool(optimizer), optimizer=optimizer, stage_seconds=dict(info["seconds"]), seconds=sum(info["seconds"].values()))
+                save("released")
+        bar.close()
         self.model = model
         return small
+
+    def _record(self, c: int, small: fx.GraphModule, info: dict, released: int, optimizer: str) -> None:
+        record = CycleRecord(
+            cycle=c + 1,
+            sparsity=info["sparsity"],
+            params=count_parameters(small),
+            stored=count_stored(small),
+            nnz=count_nonzero(small),
+            macs=count_macs(small),
+            accuracy=info["accuracy"],
+            seconds=sum(info["seconds"].values()),
+            prune_steps=info["steps"],
+            rollbacks=info["rollbacks"],
+            released=released,
+            optimizer_rebuilt=False,
+            widths=_widths(small),
+            optimizer=optimizer,
+            stage_seconds=dict(info["seconds"]),
+        )
+        self.history.append(record)
+        self.log(
+            f"cycle {c + 1}: stored {record.stored}, nnz {record.nnz}, MACs {record.macs}, widths {list(record.widths)}, "
+            f"accuracy {record.accuracy:.4f}, {record.seconds:.1f} s"
+        )
+
+    @staticmethod
+    def _replace(r: CycleRecord, **kw) -> CycleRecord:
+        return dataclasses.replace(r, **kw)
 
     def best(self, tolerance: Optional[float] = None) -> tuple[int, fx.GraphModule]:
         """Index and module of the smallest (stored) cycle whose accuracy is within ``tolerance``
@@ -306,5 +397,5 @@ class SqueezeRelease:
         return i, self.models[i]
 
     def table(self) -> str:
-        rows = [(r.cycle, f"{r.sparsity:.1%}", r.params, r.stored, r.nnz, r.macs, f"{r.accuracy:.4f}", f"{r.seconds:.1f}", r.prune_steps, r.rollbacks, r.released) for r in self.history]
-        return tabulate(rows, headers=["cycle", "sparsity", "params", "stored", "nnz", "MACs", "accuracy", "s", "steps", "rollbacks", "released"])
+        rows = [(r.cycle, f"{r.sparsity:.1%}", r.stored, r.nnz, r.macs, "-".join(map(str, r.widths)), f"{r.accuracy:.4f}", f"{r.seconds:.1f}", r.prune_steps, r.rollbacks, r.released) for r in self.history]
+        return tabulate(rows, headers=["cycle", "sparsity", "stored", "nnz", "MACs", "widths", "accuracy", "s", "steps", "rollbacks", "released"])

@@ -93,3 +93,19 @@ def test_groups_subcommand_and_console_script():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.lstrip().startswith("[")
+
+
+def test_demo_quick_prints_the_cycle_table(capsys):
+    pytest.importorskip("sklearn")
+    from srfx.demo import run_demo
+
+    run_demo(quick=True, cycles=2)
+    out = capsys.readouterr().out
+    assert "dense MLP 64-128-64-10" in out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("cycle"))
+    assert all(col in header for col in ("stored", "nnz", "MACs", "widths", "accuracy"))
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("1", "2")]
+    assert len(rows) == 2
+    stored = [int(r[2]) for r in rows]
+    assert stored[1] <= stored[0] < 64 * 128 + 128 * 64 + 64 * 10 + 128 + 64 + 10  # it shrank, then did not grow
+    assert "compressed: widths" in out

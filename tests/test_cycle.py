@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_untouched, snapshot
-from srfx.cycle import CycleRecord, SqueezeRelease, SupervisedLoop, sparsity_of
+from srfx.cycle import CycleRecord, SqueezeRelease, SupervisedLoop, kept_indices, sparsity_of, ungather, unit_pruner
 from srfx.passes import apply_masks
 from srfx.report import count_nonzero, count_stored
 
@@ -17,13 +17,13 @@ from srfx.report import count_nonzero, count_stored
 class _Batches:
     def __init__(self, x, y, bs, shuffle):
         self.x, self.y, self.bs, self.shuffle = x, y, bs, shuffle
-        self.g = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator().manual_seed(0)
 
     def __len__(self):
         return (len(self.y) + self.bs - 1) // self.bs
 
     def __iter__(self):
-        idx = torch.randperm(len(self.y), generator=self.g) if self.shuffle else torch.arange(len(self.y))
+        idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
         for b in idx.split(self.bs):
             yield self.x[b], self.y[b]
 
@@ -131,3 +131,164 @@ def test_sparsity_of():
         m.weight.zero_()
         m.weight[0, :2] = 1.0
     assert sparsity_of(m) == pytest.approx(18 / 20)
+
+
+def _without_times(history):
+    return [{k: v for k, v in r.as_dict().items() if k not in ("seconds", "stage_seconds")} for r in history]
+
+
+def _driver(digits, trained, **kw):
+    (x, y), (vx, vy) = digits
+    return SqueezeRelease.supervised(
+        trained, x[:8], _Batches(x, y, 64, True), _Batches(vx, vy, 500, False),
+        lr=1e-3, cycles=3, target_sparsity=0.6, recovery_epochs=0.3, finetune_epochs=0.5, tolerance=0.1, log=None, **kw,
+    )
+
+
+@pytest.mark.parametrize("optimizer_state", ["rebuild", "slice"])
+def test_checkpoint_resume_gives_the_same_history(digits, trained, tmp_path, optimizer_state):
+    """Interrupt the run by an exception in train after cycle 1; a new driver on the same
+    checkpoint resumes without redoing cycle 1 and ends with the uninterrupted run's history."""
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    full = _driver(digits, trained, optimizer_state=optimizer_state)
+    final_full = full.run()
+
+    torch.manual_seed(5)
+    ckpt = tmp_path / "sr.ckpt"
+    broken = _driver(digits, trained, optimizer_state=optimizer_state, checkpoint=ckpt)
+    real_train = broken.train_fn
+
+    def train(model, epochs, masks):
+        if len(broken.history) >= 1 and broken.history[0].released:  # cycle 1 is done and released
+            raise KeyboardInterrupt("interrupted")
+        return real_train(model, epochs, masks)
+
+    broken.train_fn = train
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    assert len(broken.history) == 1 and ckpt.exists()
+
+    torch.manual_seed(123)  # the checkpoint restores the RNG state: this must not matter
+    resumed = _driver(digits, trained, optimizer_state=optimizer_state, checkpoint=ckpt)
+    calls = []
+    real = resumed.train_fn
+    resumed.train_fn = lambda m, e, k: calls.append(e) or real(m, e, k)
+    final = resumed.run()
+    assert _without_times(resumed.history) == _without_times(full.history)
+    assert len(calls) < sum(r.prune_steps + r.rollbacks + 1 for r in full.history)  # cycle 1 was not redone
+    x = digits[1][0]
+    torch.testing.assert_close(final(x), final_full(x))
+    assert all(r.optimizer.startswith("sliced" if optimizer_state == "slice" else "rebuilt") for r in resumed.history[:-1])
+
+
+def test_sliced_optimizer_state_follows_the_kept_indices():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    loop = SupervisedLoop([(x, y)], [(x, y)], lr=1e-2)
+    loop.train(m, 3)
+    with torch.no_grad():
+        m[0].weight[:, 4] = 0  # an input
+        m[0].weight[2] = 0  # a hidden unit (its bias becomes a folded constant)
+        m[2].weight[:, 5] = 0
+    import srfx
+
+    for _ in range(2):  # the second round goes through the input gather of a compressed model
+        cuts = kept_indices(m.eval(), x[:4])
+        small = srfx.compress(ungather(m.eval(), x[:4]), x[:4])
+        old = {n: {k: v.clone() for k, v in loop.optimizer.state[p].items()} for n, p in m.named_parameters()}
+        olds = dict(m.named_parameters())
+        done, total = loop.adopt(small, m, cuts)
+        assert done == total == 6
+        for name, p in small.named_parameters():
+            st = loop.optimizer.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                expect = old[name][key]
+                for axis, keep in cuts.get(name, {}).items():
+                    expect = expect.index_select(axis, keep)
+                assert torch.equal(st[key], expect), (name, key)
+            if name.endswith("weight"):  # the cuts pick exactly the weights minimize kept
+                w = olds[name].detach()
+                for axis, keep in cuts.get(name, {}).items():
+                    w = w.index_select(axis, keep)
+                assert torch.equal(w, p.detach())
+        loop.train(small, 1)  # the adopted state trains
+        m = small
+        with torch.no_grad():
+            m.get_submodule("0").weight[:, 1] = 0
+    assert m.get_submodule("0").in_features == 8
+
+
+def test_ungather_undoes_the_input_gather():
+    torch.manual_seed(0)
+    import srfx
+
+    m = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        m[0].weight[:, [1, 6]] = 0
+    x = torch.randn(5, 10)
+    small = srfx.compress(m, x)
+    assert small.get_submodule("0").in_features == 8
+    flat = ungather(small, x)
+    assert flat.get_submodule("0").in_features == 10 and not any("gather" in n for n, _ in flat.named_buffers())
+    torch.testing.assert_close(flat(x), small(x))
+    with torch.no_grad():
+        small.get_submodule("0").weight[:, 0] = 0
+    again = srfx.compress(ungather(small, x), x)
+    assert again.get_submodule("0").in_features == 7
+    assert again._srfx_gather_0.tolist() == [2, 3, 4, 5, 7, 8, 9]
+    plain = nn.Linear(3, 3)
+    assert torch.equal(ungather(plain, torch.randn(1, 3)).weight, plain.weight)
+
+
+def test_unit_pruner_release_off_and_target_params(digits, trained, capsys):
+    """Unit pruning kills whole units; release=False keeps the zeros; the run stops once the
+    compressed model is small enough; progress writes a status line, log=None nothing else."""
+    torch.set_num_threads(1)
+    (x, y), (vx, vy) = digits
+    sr = _driver(digits, trained, pruner=unit_pruner(x[:256]), release=False, target_params=1500, progress=True)
+    sr.cycles, sr.tolerance = 6, 0.5
+    sr.targets = [0.5] * 6
+    sr.finetune = [0.3] * 6
+    final = sr.run()
+    assert all(r.released == 0 for r in sr.history)
+    assert sr.history[-1].stored <= 1500 or len(sr.history) == 6
+    assert len(sr.history) < 6
+    widths = [r.widths for r in sr.history]
+    assert widths[0][0] < 64 or widths[0][1] < 64  # whole inputs/units went in cycle 1
+    assert all(r.stored == r.nnz + 0 or r.stored >= r.nnz for r in sr.history)
+    assert sr.history[0].nnz == sr.history[0].params  # unit pruning leaves no zeros inside
+    err = capsys.readouterr().err
+    assert "cycles" in err or "prune" in err
+    assert isinstance(final, fx.GraphModule)
+
+
+def test_bad_new_arguments(trained):
+    f = lambda *a: None  # noqa: E731
+    with pytest.raises(ValueError):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, optimizer_state="keep")
+    with pytest.raises(ValueError):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, pruner="random")
+    with pytest.raises(ValueError):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, cycles=2, finetune_epochs=[1.0])
+    with pytest.raises(ValueError):
+        SupervisedLoop([], [], schedule="step")
+
+
+def test_progress_line_without_tqdm(monkeypatch, capsys):
+    import sys
+
+    from srfx.supervised import _Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # "not installed"
+    bar = _Progress(3, "cycles", True)
+    assert bar.bar is None
+    bar.update(1, "acc 0.9")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "cycles 1/3 acc 0.9" in err
+    off = _Progress(3, "cycles", False)
+    off.update(1)
+    off.close()
+    assert capsys.readouterr().err == ""

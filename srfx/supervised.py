@@ -1,0 +1,206 @@
+"""The standard supervised training loop for :class:`srfx.cycle.SqueezeRelease`, with
+optional distillation, a cosine learning rate per call, progress bars, optimizer state that
+follows a minimize (:meth:`SupervisedLoop.adopt`) and a state for checkpoints."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SupervisedLoop"]
+
+
+def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[dict]:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            for axis, keep in cuts.items():
+                v = v.index_select(axis, keep)
+            if tuple(v.shape) != tuple(shape):
+                return None
+        out[k] = v.clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+
+class _Progress:
+    """tqdm when installed, a status line otherwise; nothing when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.enabled, self.bar, self.n, self.total, self.desc = enabled, None, 0, total, desc
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, status: str = "") -> None:
+        if not self.enabled:
+            return
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if status:
+                self.bar.set_postfix_str(status, refresh=False)
+        else:
+            sys.stderr.write(f"\r{self.desc} {self.n}/{self.total} {status}".ljust(79)[:120])
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+class SupervisedLoop:
+    """The common supervised case: cross-entropy (or ``loss``) over a train DataLoader, accuracy
+    over a validation DataLoader. Keeps one optimizer across calls and rebuilds it when the
+    model's parameters changed (a new module after minimize/release, or new shapes), unless
+    :meth:`adopt` carried its state over.
+
+    ``teacher`` (a module, eval mode) adds distillation: ``(1 - distill) * CE + distill * T**2 *
+    KL(softmax(teacher/T) || softmax(student/T))``. ``schedule="cosine"`` anneals the learning
+    rate from ``lr`` to 0 within each :meth:`train` call. ``progress=True`` shows a bar per call.
+    """
+
+    def __init__(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        *,
+        lr: float = 1e-3,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        loss: Callable = F.cross_entropy,
+        teacher: Optional[nn.Module] = None,
+        distill: float = 0.5,
+        temperature: float = 4.0,
+        schedule: str = "constant",
+        progress: bool = False,
+        **optimizer_kwargs,
+    ):
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.lr, self.make_optimizer, self.loss, self.optimizer_kwargs = lr, optimizer, loss, optimizer_kwargs
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.distill, self.temperature, self.schedule, self.progress = distill, temperature, schedule, progress
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.rebuilds = 0
+        self.steps = 0  # optimizer steps taken over all calls (the training budget spent)
+        self._key = None
+
+    @staticmethod
+    def _params_key(model: nn.Module):
+        return tuple((id(p), tuple(p.shape)) for p in model.parameters())
+
+    def rebuild_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        self.optimizer = self.make_optimizer(model.parameters(), lr=self.lr, **self.optimizer_kwargs)
+        self._key = self._params_key(model)
+        self.rebuilds += 1
+        return self.optimizer
+
+    def adopt(self, new: nn.Module, old: nn.Module, cuts: dict[str, dict[int, torch.Tensor]]) -> tuple[int, int]:
+        """A fresh optimizer for ``new`` whose per-parameter state is ``old``'s state sliced by
+        ``cuts`` (parameter name -> axis -> kept indices; see :func:`kept_indices`); parameters
+        of the same name and shape carry their state over whole. Returns (tensors sliced or
+        carried, tensors of ``new``)."""
+        old_state = {}
+        if self.optimizer is not None:
+            for name, p in old.named_parameters():
+                if p in self.optimizer.state:
+                    old_state[name] = self.optimizer.state[p]
+        self.rebuild_optimizer(new)
+        done = 0
+        params = dict(new.named_parameters())
+        for name, p in params.items():
+            st = old_state.get(name)
+            if st is None:
+                continue
+            sliced = _slice_state(st, cuts.get(name, {}), p.shape)
+            if sliced is not None:
+                self.optimizer.state[p] = sliced
+                done += 1
+        return done, len(params)
+
+    def _loss(self, out, x, y):
+        loss = self.loss(out, y)
+        if self.teacher is not None and self.distill > 0:
+            with torch.no_grad():
+                t = self.teacher(x)
+            T = self.temperature
+            kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+            loss = (1 - self.distill) * loss + self.distill * kd
+        return loss
+
+    def train(self, model: nn.Module, epochs: float, masks: Optional[dict] = None) -> nn.Module:
+        from srfx.passes import apply_masks
+
+        if self.optimizer is None or self._key != self._params_key(model):
+            self.rebuild_optimizer(model)
+        opt = self.optimizer
+        try:
+            per_epoch = len(self.train_loader)
+        except TypeError:
+            per_epoch = None
+        steps = math.ceil(epochs * per_epoch) if per_epoch is not None else None
+        steps_left = steps
+        bar = _Progress(steps or 0, "train", self.progress and bool(steps))
+        model.train()
+        done = 0
+        for _ in range(math.ceil(epochs)):
+            for x, y in self.train_loader:
+                if steps_left is not None and steps_left <= 0:
+                    break
+                if self.schedule == "cosine" and steps:
+                    for g in opt.param_groups:
+                        g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+                opt.zero_grad(set_to_none=True)
+                self._loss(model(x), x, y).backward()
+                opt.step()
+                if masks:
+                    apply_masks(model, masks)
+                done += 1
+                self.steps += 1
+                if steps_left is not None:
+                    steps_left -= 1
+                bar.update()
+        bar.close()
+        return model.eval()
+
+    def evaluate(self, model: nn.Module, loader: Optional[Iterable] = None) -> float:
+        was = model.training
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in self.val_loader if loader is None else loader:
+                correct += int((model(x).argmax(-1) == y).sum())
+                total += len(y)
+        model.train(was)
+        return correct / max(1, total)
+
+    # what a checkpoint needs to resume the same run
+    def state_dict(self, model: nn.Module) -> dict:
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = None
+        if self.optimizer is not None and self._key == self._params_key(model):
+            opt = {names[id(p)]: s for p, s in self.optimizer.state.items() if id(p) in names}
+        gens = [getattr(dl, "generator", None) for dl in (self.train_loader, self.val_loader)]
+        return {"optimizer": opt, "generators": [g.get_state() if isinstance(g, torch.Generator) else None for g in gens], "rebuilds": self.rebuilds, "steps": self.steps}
+
+    def load_state_dict(self, model: nn.Module, state: dict) -> None:
+        self.rebuild_optimizer(model)
+        self.rebuilds, self.steps = state["rebuilds"], state["steps"]
+        if state["optimizer"] is not None:
+            params = dict(model.named_parameters())
+            for name, s in state["optimizer"].items():
+                self.optimizer.state[params[name]] = s
+        for dl, g in zip((self.train_loader, self.val_loader), state["generators"]):
+            if g is not None and isinstance(getattr(dl, "generator", None), torch.Generator):
+                dl.generator.set_state(g)
