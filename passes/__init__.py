@@ -8,10 +8,10 @@
 
 Only the public API (:mod:`srfx.api`) orders passes; passes never call each other.
 """
-from .mask import apply_masks, magnitude_masks, mask
+from .mask import apply_masks, magnitude_masks, mask, unit_masks
 from .fold_batchnorm import fold_batchnorm
 from .minimize import minimize
 from .compensate_ln import compensate_ln
 from .release import release
 
-__all__ = ["mask", "magnitude_masks", "apply_masks", "minimize", "compensate_ln", "fold_batchnorm", "release"]
+__all__ = ["mask", "magnitude_masks", "unit_masks", "apply_masks", "minimize", "compensate_ln", "fold_batchnorm", "release"]

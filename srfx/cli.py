@@ -78,8 +78,10 @@ def _compress(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="srfx", description="Exact structural minimization of pruned PyTorch networks.")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prune an MLP on scikit-learn digits and compress it")
-    demo.add_argument("--sparsity", type=float, default=0.9)
+    demo = sub.add_parser("demo", help="a short Squeeze-Release of an MLP on scikit-learn digits")
+    demo.add_argument("--sparsity", type=float, default=0.9, help="fraction of the weights the cycles aim to remove")
+    demo.add_argument("--cycles", type=int, default=4)
+    demo.add_argument("--quick", action="store_true", help="a few seconds: less training per step")
     sub.add_parser("groups", help="show the channel-coupling groups of MODEL (see srfx groups -h)", add_help=False)
     c = sub.add_parser("compress", help="compress MODEL (optionally from a checkpoint) and save it")
     c.add_argument("model", metavar="MODEL", help="timm:NAME or package.module:callable")
@@ -101,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(sparsity=args.sparsity)
+        run_demo(sparsity=args.sparsity, quick=args.quick, cycles=args.cycles)
         return 0
     from .errors import SrfxError
 

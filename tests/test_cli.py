@@ -97,9 +97,7 @@ def test_groups_subcommand_and_console_script():
 
 def test_demo_quick_prints_the_cycle_table(capsys):
     pytest.importorskip("sklearn")
-    from srfx.demo import run_demo
-
-    run_demo(quick=True, cycles=2)
+    main(["demo", "--quick", "--cycles", "2"])  # the command line reaches run_demo(quick=True)
     out = capsys.readouterr().out
     assert "dense MLP 64-128-64-10" in out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("cycle"))
