@@ -1,0 +1,209 @@
+"""A timm ConvNeXt on CIFAR-10: dense baseline, then Squeeze-Release with group pruning.
+
+    python bench/squeeze_release_cifar.py [--data ../shared/datasets/cifar10] [--model convnext_atto]
+        [--dense-epochs 4] [--cycles 3] [--sparsity 0.5 0.7 0.8] [--finetune 1] [--train-subset N]
+
+A laptop-CPU budget by default (convnext_atto, a few epochs): the dense baseline is far from a
+converged CIFAR model, so read the ratio at accuracy *relative to that baseline*. The cycle
+prunes whole channels (:func:`srfx.group_pruning.group_pruner`: atoms of srfx's coupling
+analysis, LayerNorm streams included), fine-tunes with the masks fixed, compresses exactly,
+releases, and repeats; model selection on a 5,000-image validation split of the training set,
+test accuracy once at the end.
+
+Writes ``bench/results/<out>.json`` (dataset, model, method, dense_params, params, nnz, ratio,
+nnz_ratio, dense_accuracy, accuracy, seconds, history) and ``<out>.pt2``: the compressed model
+behind the normalization, exported with torch.export, taking N x 3 x 32 x 32 float32 images in
+[0, 1] (any N) and returning logits.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import srfx  # noqa: E402
+from srfx.cycle import SqueezeRelease  # noqa: E402
+from srfx.group_pruning import group_pruner  # noqa: E402
+from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def load_cifar10(folder: Path):
+    """(train_x, train_y, test_x, test_y) as uint8 N x 32 x 32 x 3 and int64 labels, decoded from
+    the JPEG parts in ``folder`` (see ../shared/datasets/README.md). Missing files are named."""
+    from PIL import Image
+
+    train = sorted(folder.glob("train_part*.npz"))
+    test = sorted(folder.glob("test_part*.npz"))
+    if not train or not test:
+        raise SystemExit(
+            f"CIFAR-10 not found in {folder}: expected train_part*.npz and test_part*.npz (JPEG parts with "
+            "'jpeg', 'offsets', 'y'). Pass --data; the originals are at https://www.cs.toronto.edu/~kriz/cifar.html"
+        )
+
+    def decode(parts):
+        xs, ys = [], []
+        for part in parts:
+            with np.load(part) as z:
+                jpeg, offsets = z["jpeg"], z["offsets"]
+                xs += [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")) for i in range(len(offsets) - 1)]
+                ys.append(z["y"].astype(np.int64))
+        return np.stack(xs), np.concatenate(ys)
+
+    return (*decode(train), *decode(test))
+
+
+class Deployable(nn.Module):
+    """Images N x 3 x 32 x 32 in [0, 1] -> normalized -> model: what the .pt2 holds."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+
+    def forward(self, images):
+        return self.model((images - self.mean) / self.std)
+
+
+def _loader(x, y, batch, shuffle, augment, seed=0):
+    """Batches of normalized float images (random crop with 4-pixel padding and flips when
+    ``augment``), regenerated on every pass."""
+
+    class _Batches:
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return (len(x) + batch - 1) // batch
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(seed + self.epoch)
+            self.epoch += 1
+            order = torch.randperm(len(x), generator=g) if shuffle else torch.arange(len(x))
+            mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+            for i in range(0, len(x), batch):
+                idx = order[i : i + batch]
+                imgs = torch.from_numpy(x[idx.numpy()]).permute(0, 3, 1, 2).float() / 255
+                if augment:
+                    imgs = F.pad(imgs, (4, 4, 4, 4), mode="reflect")
+                    dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
+                    imgs = imgs[:, :, dy : dy + 32, dx : dx + 32]
+                    if torch.rand(1, generator=g).item() < 0.5:
+                        imgs = imgs.flip(3)
+                yield (imgs - mean) / std, torch.from_numpy(y[idx.numpy()])
+
+    return _Batches()
+
+
+def accuracy(model: nn.Module, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for xb, yb in loader:
+            correct += int((model(xb).argmax(1) == yb).sum())
+            total += len(yb)
+    return correct / total
+
+
+def train_dense(model, loader, epochs, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = max(1, int(epochs * len(loader)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    done = 0
+    model.train()
+    while done < steps:
+        for xb, yb in loader:
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done >= steps:
+                break
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
+    ap.add_argument("--model", default="convnext_atto")
+    ap.add_argument("--dense-epochs", type=float, default=4)
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    ap.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs per cycle")
+    ap.add_argument("--recovery", type=float, default=0.25, help="epochs after each pruning step")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="accuracy a pruning step may cost (validation)")
+    ap.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="squeeze_release_cifar")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import timm
+
+    t0 = time.time()
+    tx, ty, sx, sy = load_cifar10(args.data)
+    order = np.random.default_rng(0).permutation(len(tx))
+    val_idx, train_idx = order[:5000], order[5000:]
+    if args.train_subset:
+        train_idx = train_idx[: args.train_subset]
+    train = _loader(tx[train_idx], ty[train_idx], args.batch, True, True)
+    val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
+    test = _loader(sx, sy, 500, False, False)
+    print(f"data: {len(train_idx)} train, {len(val_idx)} validation, {len(sx)} test ({time.time() - t0:.0f} s)", flush=True)
+
+    model = timm.create_model(args.model, pretrained=False, num_classes=10)
+    dense_params = count_parameters(model)
+    model = train_dense(model, train, args.dense_epochs, args.lr)
+    dense_val, dense_test = accuracy(model, val), accuracy(model, test)
+    print(f"dense {args.model}: {dense_params} parameters, validation {dense_val:.4f}, test {dense_test:.4f} ({time.time() - t0:.0f} s)", flush=True)
+
+    example = torch.randn(1, 3, 32, 32)
+    driver = SqueezeRelease.supervised(
+        model, example, train, val, lr=args.lr / 4, optimizer=torch.optim.AdamW,
+        cycles=args.cycles, target_sparsity=args.sparsity, pruner=group_pruner(example),
+        finetune_epochs=args.finetune, recovery_epochs=args.recovery, tolerance=args.tolerance,
+        reference_accuracy=dense_val, schedule="cosine",
+    )
+    small = driver.run()
+    print(driver.table(), flush=True)
+    cycle, small = driver.best(args.tolerance)
+    test_acc = accuracy(small, test)
+    stored = count_stored(small)
+    result = {
+        "dataset": "cifar10", "model": args.model, "method": "squeeze-release (group pruning)",
+        "dense_params": dense_params, "params": count_parameters(small), "stored": stored, "nnz": count_nonzero(small),
+        "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
+        "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
+        "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data)},
+        "history": [r.as_dict() for r in driver.history],
+    }
+    out = ROOT / "bench" / "results" / f"{args.out}.json"
+    out.write_text(json.dumps(result, indent=2))
+    wrapped = Deployable(small).eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(wrapped, (torch.rand(2, 3, 32, 32),), dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, str(out.with_suffix(".pt2")))
+    print(f"{args.model}: {result['ratio']:.2f}x deployable ({result['nnz_ratio']:.1f}x nonzeros) at test {test_acc:.4f} "
+          f"vs dense {dense_test:.4f}; wrote {out.relative_to(ROOT)} and .pt2", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
