@@ -98,12 +98,12 @@ def bench_model(name: str, repeats: int, wrap: bool, seed: int) -> dict:
     for _ in range(repeats):
         if srfx_ok:
             m = copy.deepcopy(model)
-            t, _out = C.timed(lambda: run_srfx(m, x))
+            t, _out = C.timed(lambda m=m: run_srfx(m, x))
             t_srfx.append(t)
             del m, _out
         if tp_ok:
             m = copy.deepcopy(model)
-            t, _out = C.timed(lambda: run_tp(m, x))
+            t, _out = C.timed(lambda m=m: run_tp(m, x))
             t_tp.append(t)
             del m, _out
         # srfx.analyze deep-copies the model internally (the original is never traced in

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import srfx  # noqa: E402
 from srfx.cycle import SqueezeRelease  # noqa: E402
 from srfx.group_pruning import group_pruner  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402

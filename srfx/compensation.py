@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .coupling import Coupling
-from .facts import Ref, Role, ValueKey
+from .facts import Role, ValueKey
 from .tracing import facts_of
 
 __all__ = ["NormSite", "Absorption", "norm_absorption", "compensable_norms"]
