@@ -224,6 +224,44 @@ def _rewrite_split(node: fx.Node, plan: Plan) -> None:
         node.kwargs = {"dim": axis}
 
 
+def _compose_gather(gm: fx.GraphModule, x: fx.Node, axis: int, keep: torch.Tensor) -> bool:
+    """The reader already reads through an earlier gather of its own (a compressed model
+    compressed again): narrow that gather's index instead of stacking a second one."""
+    if not (x.op == "call_function" and x.target is torch.index_select and len(x.users) == 1):
+        return False
+    index = x.args[2]
+    if not (isinstance(index, fx.Node) and index.op == "get_attr" and len(index.users) == 1):
+        return False
+    from srfx.tracing import facts_of
+
+    ndim = len(facts_of(x).shape)
+    if x.args[1] % ndim != axis % ndim:
+        return False
+    old = _get(gm, index.target)
+    _set(gm, index.target, old.index_select(0, keep.to(old.device)))
+    return True
+
+
+def _rewrite_index_selects(gm: fx.GraphModule, plan: Plan) -> None:
+    """index_select on a constant index: where its input or output channels shrank, the index
+    keeps the kept outputs, renumbered to the kept inputs."""
+    coupling = plan.coupling
+    for node in gm.graph.nodes:
+        eff = coupling.effects.get(node.name)
+        if eff is None or "index" not in eff.meta:
+            continue
+        axis, idx = eff.meta["axis"], eff.meta["index"]
+        out = [d for d in coupling.dims_of_value(ValueKey(node.name)) if d.ref.axes == (axis,)]
+        inp = [d for d in coupling.dims_of_value(ValueKey(node.args[0].name)) if d.ref.axes == (axis,)]
+        if not out or not inp or not (plan.shrinks(out[0].id) or plan.shrinks(inp[0].id)):
+            continue
+        kept_in = plan.keep(inp[0].id)
+        new = np.searchsorted(kept_in, idx[plan.keep(out[0].id)])
+        index = node.args[2]
+        old = _get(gm, index.target)
+        _set(gm, index.target, torch.as_tensor(new, dtype=old.dtype, device=old.device))
+
+
 def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
     """Readers of groups that cannot shrink drop their all-zero input columns and read the
     kept channels through an index_select (the model's interface stays as it was)."""
@@ -237,13 +275,17 @@ def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
         node = nodes[role.owner]
         x = node.args[0]
         axis = -1 if isinstance(_get(gm, role.owner), nn.Linear) else 1
+        touched.add(role.owner)
+        if _compose_gather(gm, x, axis, keep):
+            continue
         name = f"_srfx_gather_{i}"
+        while hasattr(gm, name):
+            name += "_"
         gm.register_buffer(name, keep)
         with gm.graph.inserting_before(node):
             idx = gm.graph.get_attr(name)
             picked = gm.graph.call_function(torch.index_select, (x, axis, idx))
         node.replace_input_with(x, picked)
-        touched.add(role.owner)
     return touched
 
 
@@ -262,6 +304,7 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
         if isinstance(module, nn.Module):
             _resize_module(module)
     _rewrite_shape_args(out, plan)
+    _rewrite_index_selects(out, plan)
     _pin_attention_scale(out, plan)
     if plan.compensations:  # the narrowed norms are only right once compensate_ln has run
         out.meta["srfx_pending_compensation"] = tuple(site.node for site in plan.compensations)

@@ -300,3 +300,41 @@ def test_functional_conv_keeps_its_kernel_and_folds_only_where_it_can(pad):
     constant_zero = int((F.relu(model.b1[:3]) == 0).sum())
     assert small.w2.shape[1] == 8 - 1 - constant_zero
     assert_close(model(x), small(x))
+
+
+def test_index_select_with_a_constant_index_links_positions_and_is_rewritten():
+    """x.index_select(1, idx) with a buffer index: output i is input idx[i]; when channels go
+    on either side, the index keeps the kept outputs, renumbered to the kept inputs."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(5, 3)
+            self.register_buffer("idx", torch.tensor([7, 0, 3, 3, 5]))
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)).index_select(1, self.idx))
+
+    model = Net().eval()
+    with torch.no_grad():
+        model.fc2.weight[:, 1] = 0  # output 1 (unit 0, selected nowhere else) is unread
+        model.fc1.weight[5] = 0  # unit 5 constant: output 4 folds into fc2's bias
+    x = torch.randn(4, 5)
+    small = srfx.compress(model, x)
+    assert small.fc1.out_features == 2 and small.idx.tolist() == [1, 0, 0]  # units 3 and 7 stay
+    assert_close(model(x), small(x))
+
+
+def test_a_second_compress_narrows_the_input_gather_of_the_first():
+    model = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[:, [1, 4]] = 0
+    x = torch.randn(2, 10)
+    once = srfx.compress(model, x)
+    assert once._srfx_gather_0.tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
+    with torch.no_grad():
+        once.get_submodule("0").weight[:, [0, 5]] = 0  # inputs 0 and 7 die in the next cycle
+    twice = srfx.compress(once, x)
+    assert twice._srfx_gather_0.tolist() == [2, 3, 5, 6, 8, 9]
+    assert sum(1 for n in twice.graph.nodes if n.target is torch.index_select) == 1
+    assert_close(once(x), twice(x))

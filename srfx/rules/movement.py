@@ -387,3 +387,47 @@ register_instance(Movement(SHAPE_ARGS), "view", "reshape", "expand", "unflatten"
 register_instance(Movement(SPLIT), "split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split)
 register_instance(TupleOrTensorGetitem(INDEX), operator.getitem)
 register_instance(Movement(INDEX), "narrow", "select", torch.narrow, torch.select)
+
+
+class IndexSelect(ChannelRule):
+    """``torch.index_select(x, dim, index)`` with a constant index (a buffer, as srfx's own input
+    gathers): output position i along ``dim`` is input position ``index[i]``. minimize rewrites
+    the index when either side shrinks."""
+
+    name = "index_select"
+
+    def effects(self, node, env):
+        x, index = env.arg(0, "input"), env.arg(2, "index")
+        n = len(env.shape(x))
+        axis = env.concrete(env.arg(1, "dim")) % n
+        idx = env.param_value(index) if isinstance(index, fx.Node) and index.op == "get_attr" else None
+        if idx is None:
+            why = f"{node.name}: index_select with a computed index"
+            return Effects(fixed=tuple((r, why) for r in env.dims(x)))
+        idx = idx.detach().cpu().numpy().astype(np.int64)
+        links, outs = [], []
+        fixed = [(r, f"{node.name}: its index holds positions, not channels") for r in env.dims(index)]
+        dims = env.dims(x)
+        if not any(r.axes == (axis,) for r in dims):  # a model input: the analysis makes it a fixed dim
+            dims = dims + [env.dim_at(x, (axis,))]
+        for r in dims:
+            if axis not in r.axes:
+                outs.append(env.out(r.axes))
+                links.append(Link(r, outs[-1]))
+            elif r.axes == (axis,):
+                outs.append(env.out((axis,)))
+                links.append(Link(outs[-1], r, (np.arange(len(idx)), idx)))
+            else:
+                fixed.append((r, f"{node.name}: selects along a multi-axis channel dim"))
+        return Effects(outputs=tuple(outs), links=tuple(links), fixed=tuple(fixed), meta={"index": idx, "axis": axis})
+
+    def constants(self, node, env, known):
+        eff = known.effects(node)
+        result = {}
+        for link in eff.links:
+            vals = known.value(link.b if link.pairs is not None else link.a)
+            result[link.a if link.pairs is not None else link.b] = vals[eff.meta["index"]] if link.pairs is not None else vals
+        return result
+
+
+register_instance(IndexSelect(), torch.index_select, "index_select")
