@@ -71,6 +71,12 @@ def _tensor_at(root: torch.nn.Module, qualname: str) -> Any:
     return mod._parameters.get(leaf, mod._buffers.get(leaf))
 
 
+def decompose_attention(model: torch.nn.Module) -> int:
+    from .decompose import decompose_attention as _decompose
+
+    return _decompose(model)
+
+
 def _srfx_leaf_types() -> tuple[type, ...]:
     from .compensated_ln import CompensatedLayerNorm
 
@@ -304,6 +310,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
         attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
     for front_end, make_tracer in attempts:
         work = bake_masks(private_copy(model).eval())
+        decompose_attention(work)  # nn.MultiheadAttention as Linear + sdpa: heads become visible
         try:
             gm = _symbolic_trace(work, make_tracer(), len(inputs))
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)

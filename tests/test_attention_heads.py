@@ -126,6 +126,64 @@ def test_rewritten_attention_runs_under_export_and_compile():
     assert_close(model(x), torch.compile(small)(x))
 
 
+class MhaBlock(nn.Module):
+    def __init__(self, batch_first, need_weights):
+        super().__init__()
+        self.norm, self.attn, self.fc = nn.LayerNorm(16), nn.MultiheadAttention(16, 4, batch_first=batch_first), nn.Linear(16, 3)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        y = self.norm(x)
+        a, _ = self.attn(y, y, y, need_weights=self.need_weights)
+        return self.fc(x + a)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_leave(batch_first):
+    """nn.MultiheadAttention is decomposed on srfx's copy (q/k/v Linear + sdpa), so its heads
+    are visible: an unread head and a value-dead head leave; the user's module is untouched."""
+    model = _random(MhaBlock(batch_first, need_weights=False).eval(), 3)
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 4:8] = 0  # head 1 unread
+        model.attn.in_proj_weight[32 + 8 : 32 + 12] = 0  # head 2's values: its bias at every token
+    before = model.attn.in_proj_weight.clone()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 2
+    assert small.get_submodule("attn.v_proj").out_features == 8 and small.get_submodule("attn.out_proj").in_features == 8
+    assert torch.equal(model.attn.in_proj_weight, before) and isinstance(model.attn, nn.MultiheadAttention)
+    y = torch.randn(*x.shape)
+    assert_close(model(y), small(y))
+
+
+def test_multihead_attention_asked_for_its_weights_stays_whole():
+    model = _random(MhaBlock(True, need_weights=True).eval(), 4)
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 4:8] = 0
+    x = torch.randn(2, 5, 16)
+    small = srfx.compress(model, x)
+    assert report(small).heads == ()  # the original module ran: no attention the analysis could see
+    assert_close(model(x), small(x))
+
+
+def test_torchvision_vit_heads_leave():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+        model.heads.head.weight.normal_(0, 0.2)  # torchvision zero-inits the head: outputs would not depend on x
+        model.encoder.layers[0].self_attention.out_proj.weight[:, 16:32] = 0
+        model.encoder.layers[1].self_attention.in_proj_weight[128:144] = 0
+    x = torch.randn(2, 3, 32, 32)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 2
+    y = torch.randn(2, 3, 32, 32)
+    assert_close(model(y), small(y))
+
+
 timm = pytest.importorskip("timm")
 
 

@@ -203,5 +203,6 @@ register_instance(
     WeightedLayer(), nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d, F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
     F.conv_transpose3d,
+    nn.modules.linear.NonDynamicallyQuantizableLinear,  # nn.MultiheadAttention's out_proj: a plain Linear
 )
 register_instance(EmbeddingRule(), nn.Embedding)
