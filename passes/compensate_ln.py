@@ -59,16 +59,34 @@ def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: di
     for role in site.readers:
         rows = _rows_kept(plan, role.weight)
         w = original[role.weight].detach().index_select(0, rows)
-        prior = (None, None)
+        prior = (None, None, None)
         if prior_norm is not None:
-            k = prior_norm.kept
-            u = w[:, k : k + 1] if prior_norm.emit_u else None
-            v = w[:, k + int(prior_norm.emit_u) : k + prior_norm.extra_channels] if prior_norm.emit_v else None
-            w, prior = w[:, :k], (u, v)
+            k, columns = prior_norm.kept, {}
+            for name in ("emit_u", "emit_v", "emit_one"):
+                if getattr(prior_norm, name, False):
+                    columns[name] = w[:, k : k + 1]
+                    k += 1
+            w, prior = w[:, : prior_norm.kept], (columns.get("emit_u"), columns.get("emit_v"), columns.get("emit_one"))
         bias_now = _get(gm, role.bias) if role.bias else None
-        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit, prior=prior)
+        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit, prior=prior, one=_emits_one(site, prior_norm))
         out.append((role, comp))
     return out
+
+
+def _emits_one(site: NormSite, prior_norm) -> bool:
+    return site.zero_padded or bool(getattr(prior_norm, "emit_one", False))
+
+
+def _resize_reshapes(gm: fx.GraphModule, site: NormSite, width: int) -> None:
+    """Views of the norm's output between it and its readers carry kept + emitted channels."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, axis in site.reshapes:
+        node = nodes[name]
+        rest = node.args[1:]
+        packed = len(rest) == 1 and isinstance(rest[0], (tuple, list))
+        shape = list(rest[0]) if packed else list(rest)
+        shape[axis] = width
+        node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
 
 
 def _install_reader(gm: fx.GraphModule, role, comp) -> None:
@@ -138,14 +156,14 @@ def _narrowed(plan: Plan, site: NormSite, keep, gamma, beta, emit_u: bool, emit_
     (same total count; the removed constants' sums grow)."""
     if prior is None:
         total = plan.coupling.dims[site.in_dim].size
-        return CompensatedLayerNorm.from_parts(total, keep, site.constants, site.eps, gamma, beta, emit_u, emit_v, -1, site.centered)
+        return CompensatedLayerNorm.from_parts(total, keep, site.constants, site.eps, gamma, beta, emit_u, emit_v, -1, site.centered, _emits_one(site, None))
     removed = torch.ones(prior.kept, dtype=torch.bool)
     removed[keep] = False
     c = torch.as_tensor(site.constants, dtype=torch.float64)[removed]
     return CompensatedLayerNorm(
         len(keep), prior.total, prior.removed_sum + c.sum().item(), prior.removed_sq_sum + (c * c).sum().item(), prior.eps,
         gamma.detach()[keep] if gamma is not None else None, beta.detach()[keep] if beta is not None else None,
-        emit_u, emit_v, prior.channel_dim, prior.centered,
+        emit_u, emit_v, prior.channel_dim, prior.centered, _emits_one(site, prior),
     )
 
 
@@ -175,6 +193,7 @@ def compensate_ln(gm: fx.GraphModule, plan: Plan) -> PassResult:
             norm.weight.requires_grad_(gamma.requires_grad)
         if beta is not None:
             norm.bias.requires_grad_(beta.requires_grad)
+        _resize_reshapes(gm, site, len(keep) + norm.extra_channels)
         _patch_size_reads(gm, site)
         _replace_norm(gm, site, norm, i)
         for role, comp in readers:

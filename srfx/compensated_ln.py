@@ -37,6 +37,7 @@ class CompensatedLayerNorm(nn.Module):
         emit_v: bool = False,
         channel_dim: int = -1,
         centered: bool = True,
+        emit_one: bool = False,
     ):
         super().__init__()
         if not 0 <= kept <= total:
@@ -45,16 +46,16 @@ class CompensatedLayerNorm(nn.Module):
         self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
         if emit_v and not centered:
             raise ValueError("an RMSNorm (centered=False) has no mean: only u can be emitted")
-        self.emit_u, self.emit_v, self.centered = emit_u, emit_v, centered
+        self.emit_u, self.emit_v, self.centered, self.emit_one = emit_u, emit_v, centered, emit_one
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         # one entry per emitted channel (not a weight: integers, not counted as stored size);
         # the channel rule ties the emitted channels to it so that a later compress keeps them
-        self.register_buffer("emitted", torch.arange(int(emit_u) + int(emit_v)))
+        self.register_buffer("emitted", torch.arange(int(emit_u) + int(emit_v) + int(emit_one)))
 
     @property
     def extra_channels(self) -> int:
-        return int(self.emit_u) + int(self.emit_v)
+        return int(self.emit_u) + int(self.emit_v) + int(self.emit_one)
 
     def _per_channel(self, y: torch.Tensor, t: torch.Tensor, op) -> torch.Tensor:
         """``op(y, t)`` with ``t`` along the channel axis (written so that fx can trace it)."""
@@ -80,12 +81,13 @@ class CompensatedLayerNorm(nn.Module):
             y = self._per_channel(y, self.weight, torch.mul)
         if self.bias is not None:
             y = self._per_channel(y, self.bias, torch.add)
-        extras = ([inv] if self.emit_u else []) + ([mu * inv] if self.emit_v else [])
+        extras = ([inv] if self.emit_u else []) + ([mu * inv] if self.emit_v else []) + ([torch.ones_like(inv)] if self.emit_one else [])
         return torch.cat([y, *extras], dim=self.channel_dim) if extras else y
 
     def extra_repr(self) -> str:
         kind = "" if self.centered else ", rms"
-        return f"kept={self.kept}, total={self.total}, eps={self.eps}, emit_u={self.emit_u}, emit_v={self.emit_v}{kind}"
+        one = ", emit_one=True" if self.emit_one else ""
+        return f"kept={self.kept}, total={self.total}, eps={self.eps}, emit_u={self.emit_u}, emit_v={self.emit_v}{one}{kind}"
 
     @classmethod
     def replacing(cls, norm: nn.Module, keep: torch.Tensor, constants: torch.Tensor, emit_u: bool, emit_v: bool, channel_dim: int = -1):
@@ -99,7 +101,7 @@ class CompensatedLayerNorm(nn.Module):
         )
 
     @classmethod
-    def from_parts(cls, total: int, keep, constants, eps, weight, bias, emit_u: bool, emit_v: bool, channel_dim: int = -1, centered: bool = True):
+    def from_parts(cls, total: int, keep, constants, eps, weight, bias, emit_u: bool, emit_v: bool, channel_dim: int = -1, centered: bool = True, emit_one: bool = False):
         """The compensated norm over ``total`` channels keeping ``keep`` (indices), with the
         full-width ``weight``/``bias`` (or None) and per-channel ``constants``."""
         keep = torch.as_tensor(keep, dtype=torch.long)
@@ -110,7 +112,7 @@ class CompensatedLayerNorm(nn.Module):
         b = bias.detach()[keep] if bias is not None else None
         if eps is None:  # nn.RMSNorm's default: the machine epsilon of the input's dtype
             eps = torch.finfo(weight.dtype if weight is not None else torch.get_default_dtype()).eps
-        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), eps, w, b, emit_u, emit_v, channel_dim, centered)
+        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), eps, w, b, emit_u, emit_v, channel_dim, centered, emit_one)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class ReaderCompensation:
     emit_v: bool
 
 
-def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None, prior=(None, None)) -> ReaderCompensation:
+def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None, prior=(None, None, None), one: bool = False) -> ReaderCompensation:
     """A linear reader ``y = W n + b`` of a LayerNorm's output, rewritten for the kept channels.
     ``weight`` reads channels on axis 1 (Linear ``(out, in)``, or a conv ``(out, in, *kernel)``
     without zero padding, where u and v are maps like any channel).
@@ -134,7 +136,9 @@ def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0
     is not emitted (``tol`` treats tiny ones as zero: 0 keeps it exact), unless ``emit``
     = (u, v) says which columns the norm emits (several readers share one norm). ``prior``
     holds the reader's u and v columns from an earlier compensation of the same norm (the
-    new removals add to them).
+    new removals add to them). ``one``: the norm also emits a channel of ones (zero padding
+    between norm and reader pads it with zeros, as it padded the removed channels), and the
+    reader takes ``W_R beta_R`` as that channel's column instead of in its bias.
     """
     d = weight.shape[1]
     keep = torch.as_tensor(keep, dtype=torch.long)
@@ -148,12 +152,19 @@ def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0
     a = torch.tensordot(w_r, g[removed] * c[removed], dims=([1], [0])).unsqueeze(1)
     v_col = -torch.tensordot(w_r, g[removed], dims=([1], [0])).unsqueeze(1)
     shift = torch.tensordot(w_r, be[removed], dims=([1], [0])).reshape(weight.shape[0], -1).sum(1)
+    prior = tuple(prior) + (None,) * (3 - len(prior))
     if prior[0] is not None:
         a = a + prior[0].detach().double()
     if prior[1] is not None:
         v_col = v_col + prior[1].detach().double()
+    one_col = None
+    if one:
+        one_col = torch.tensordot(w_r, be[removed], dims=([1], [0])).unsqueeze(1)
+        if prior[2] is not None:
+            one_col = one_col + prior[2].detach().double()
+        shift = torch.zeros_like(shift)
     new_bias = (bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)) + shift
     emit_u = bool((a.abs() > tol).any()) if emit is None else emit[0]
     emit_v = (centered and bool((v_col.abs() > tol).any())) if emit is None else emit[1]
-    cols = [w64[:, keep]] + ([a] if emit_u else []) + ([v_col] if emit_v else [])
+    cols = [w64[:, keep]] + ([a] if emit_u else []) + ([v_col] if emit_v else []) + ([one_col] if one else [])
     return ReaderCompensation(torch.cat(cols, dim=1).to(weight.dtype), new_bias.to(weight.dtype), emit_u, emit_v)

@@ -59,6 +59,8 @@ class NormSite:
     size_reads: tuple[tuple[str, int], ...] = ()  # (node, original size): channel counts read off the output
     compensated: bool = False  # already a CompensatedLayerNorm (its emitted channels follow the kept ones)
     out_size: int = 0
+    reshapes: tuple[tuple[str, int], ...] = ()  # (view/reshape node, channel axis): sized kept + emitted
+    zero_padded: bool = False  # zero padding on the way to the readers: beta_R travels as a ones channel
 
     @property
     def removable_out(self) -> np.ndarray:
@@ -68,8 +70,9 @@ class NormSite:
 
 # Ops that move data without mixing channels, and act the same on every channel (so a removed
 # channel's affine form in u and v survives them, and the emitted u, v channels travel along).
-_TRANSPARENT_METHODS = frozenset({"permute", "transpose", "contiguous", "flatten", "clone", "mean"})
-_TRANSPARENT_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.permute, torch.transpose, torch.mean, F.dropout})
+_TRANSPARENT_METHODS = frozenset({"permute", "transpose", "contiguous", "flatten", "clone", "mean", "roll", "view", "reshape"})
+_TRANSPARENT_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.permute, torch.transpose, torch.mean, torch.roll, torch.reshape, F.dropout, F.pad})
+_RESHAPES = frozenset({"view", "reshape", torch.reshape})
 _TRANSPARENT_MODULES = (nn.Dropout, nn.Identity, nn.Flatten)
 _READER_FOLDS = ("linear", "conv")  # not "zero_only": zero padding would see beta at the borders
 
@@ -82,6 +85,18 @@ def _transparent(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _TRANSPARENT_MODULES)
     return False
+
+
+def _zero_pad_keeps_channels(node: fx.Node, axis: int, ndim: int) -> bool:
+    """F.pad with zeros that pads no channel: the removed channels were padded with zeros,
+    and so are u, v and a ones channel standing for beta (see NormSite.zero_padded)."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (tuple, list)):
+        return False
+    pair = ndim - 1 - axis  # F.pad lists (lo, hi) pairs from the last axis backwards
+    return 2 * pair >= len(pad) or (pad[2 * pair] == 0 and pad[2 * pair + 1] == 0)
 
 
 def _same_channels(coupling: Coupling, node: fx.Node, atoms: np.ndarray) -> bool:
@@ -140,7 +155,8 @@ def _absorbing_readers(coupling: Coupling, params: dict, norm: fx.Node, out_atom
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
     tied = {n for pair in coupling.aliases.items() if pair[0] != pair[1] for n in pair}
-    found, sizes, todo, seen = [], [], [norm], {norm}
+    found, sizes, reshapes, todo, seen = [], [], [], [norm], {norm}
+    zero_padded = False
     while todo:
         value = todo.pop()
         for user in value.users:
@@ -153,27 +169,34 @@ def _absorbing_readers(coupling: Coupling, params: dict, norm: fx.Node, out_atom
                 shape = facts.shape if facts is not None and facts.shapes else None
                 reads = _size_reads(user, axis, len(shape)) if axis is not None and shape is not None else None
                 if reads is None:
-                    return (), f"{user.name} reads its whole shape", ()
+                    return (), f"{user.name} reads its whole shape", (), (), False
                 sizes += [(r.name, len(out_atoms)) for r in reads]
                 continue
             role = readers_by_node.get(user.name)
             if role is not None:
                 if role.fold not in _READER_FOLDS:
-                    return (), f"{user.name} reads it through a zero-padded or transposed conv", ()
+                    return (), f"{user.name} reads it through a zero-padded or transposed conv", (), (), False
                 if user.args[0] is not value or role.in_axis != 1:
-                    return (), f"{user.name} reads it other than as its input", ()
+                    return (), f"{user.name} reads it other than as its input", (), (), False
                 if calls.get(role.owner, 1) != 1 or role.weight in tied:
-                    return (), f"{role.owner} is shared (called more than once or tied)", ()
+                    return (), f"{role.owner} is shared (called more than once or tied)", (), (), False
                 w = params.get(role.weight) if role.weight else None
                 if w is None or w.dim() < 2 or w.shape[1] != len(out_atoms):
-                    return (), f"{user.name} is a grouped reader", ()
+                    return (), f"{user.name} is a grouped reader", (), (), False
                 found.append(role)
                 continue
-            tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr"]
+            tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr" and facts_of(a) is not None and facts_of(a).is_tensor]
             if not _transparent(user, modules) or tensor_inputs != [value] or not _same_channels(coupling, user, out_atoms):
-                return (), f"{user.name} uses its output", ()
+                return (), f"{user.name} uses its output", (), (), False
+            axis = _channel_axis(coupling, user, out_atoms)
+            if user.target is F.pad:
+                if not _zero_pad_keeps_channels(user, _channel_axis(coupling, value, out_atoms), len(facts_of(value).shape)):
+                    return (), f"{user.name} pads it other than with zeros off the channel axis", (), (), False
+                zero_padded = True
+            if user.target in _RESHAPES:
+                reshapes.append((user.name, axis))
             todo.append(user)
-    return tuple(found), None, tuple(sizes)
+    return tuple(found), None, tuple(sizes), tuple(reshapes), zero_padded
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,8 @@ class Absorption:
     readers: tuple[Role, ...]
     why_not: Optional[str]
     size_reads: tuple[tuple[str, int], ...]
+    reshapes: tuple[tuple[str, int], ...] = ()
+    zero_padded: bool = False
 
 
 def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
@@ -206,8 +231,8 @@ def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
         out_dims = [d for d in coupling.dims_of_value(ValueKey(name)) if d.ref.axes == in_ref.axes]
         if not out_dims:
             continue
-        readers, why, sizes = _absorbing_readers(coupling, params, nodes[name], coupling.atoms(out_dims[0]))
-        found.append(Absorption(name, eff.meta.get("owner", name), coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes))
+        readers, why, sizes, reshapes, padded = _absorbing_readers(coupling, params, nodes[name], coupling.atoms(out_dims[0]))
+        found.append(Absorption(name, eff.meta.get("owner", name), coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes, reshapes, padded))
     return tuple(found)
 
 
@@ -232,6 +257,6 @@ def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
         sites.append(NormSite(
             name, centered, in_dim.id, out_dim.id, c, np.isfinite(c) & absorbed,
             eff.meta.get("weight"), eff.meta.get("bias"), eff.meta.get("eps"), readers, why, sizes,
-            compensated, out_dim.size,
+            compensated, out_dim.size, norm.reshapes, norm.zero_padded,
         ))
     return tuple(sites)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -297,24 +298,54 @@ def test_timm_convnext_tiny_streams_shrink():
     assert_close(model(y), small(y))
 
 
-def test_timm_swin_is_exact_but_keeps_its_streams():
-    """Swin pads and views the norm's output into windows before qkv: compensation does not
-    follow reshapes yet, so its streams stay whole (exactly)."""
+def test_timm_swin_stream_shrinks_through_windows():
+    """Swin rolls, zero-pads and views the norm's output into windows before qkv: the views
+    carry kept + emitted channels, and beta_R rides a ones channel through the padding."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, depths=(1, 1, 1, 1)).eval()
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, depths=(2, 1, 1, 1)).eval()
     dead = torch.arange(0, 96, 4)
     with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # nonzero LayerNorm shifts: the ones channel matters
         model.patch_embed.proj.weight[dead] = 0
-        model.patch_embed.norm.weight[dead] = 0
+        model.patch_embed.norm.weight[dead] = 0  # the stream is written by a norm: its scale goes too
         for block in model.layers[0].blocks:
             block.attn.proj.weight[dead] = 0
             block.mlp.fc2.weight[dead] = 0
     x = torch.randn(1, 3, 224, 224)
     small = srfx.compress(model, x, random_inputs=1)
+    norms = _norms(small)
+    assert norms["layers.0.blocks.0.norm1"].kept == 72 and norms["layers.0.blocks.0.norm1"].emit_one
+    assert norms["layers.1.downsample.norm"].kept == 4 * 72  # patch merging: four copies of the stream
     assert report(small).max_rel_error <= 1e-5
-    plan = srfx.plan(model, x)
-    stream = [s for s in plan.coupling.graph_module.graph.nodes if s.name == "layers_0_blocks_0_norm1"]
-    assert stream and not any(site.node == "layers_0_blocks_0_norm1" for site in plan.compensations)
+    assert_close(model(x), small(x))
+
+
+def test_zero_padding_between_norm_and_reader_is_exact():
+    """Nonzero padding amounts and nonzero shifts: the ones channel is padded with zeros
+    exactly where the removed channels were."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm, self.fc = nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):  # x: (B, H, W, 3)
+            h = self.norm(self.embed(x))
+            h = F.pad(h, (0, 0, 1, 2, 2, 0))
+            b, hh, ww, c = h.shape
+            return self.fc(h.view(b, hh * ww, c))
+
+    model = Net().eval()
+    with torch.no_grad():
+        model.norm.bias.normal_()
+        model.embed.weight[[2, 5]] = 0
+    x = torch.randn(2, 3, 4, 3)
+    small = srfx.compress(model, x)
+    assert _norms(small)["norm"].kept == 6 and _norms(small)["norm"].emit_one
+    y = torch.randn(3, 5, 2, 3)
+    assert_close(model(y), small(y))
 
 
 def test_show_groups_tells_which_streams_compensation_can_narrow():

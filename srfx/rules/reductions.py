@@ -25,9 +25,13 @@ def _spatial_axes(node, env) -> set[int]:
 
 
 def _padded_axes(node, env) -> set[int]:
+    """F.pad's (lo, hi) pairs run from the last axis backwards; a pair written as literal
+    zeros pads nothing (Swin pads H and W of a channels-last tensor with (0, 0, ...))."""
     n = len(env.shape(env.tensor_args()[0]))
-    pad = env.concrete(env.arg(1, "pad"))
-    return set(range(n - len(pad) // 2, n))
+    raw = env.arg(1, "pad")
+    pad = env.concrete(raw)
+    literal = raw if isinstance(raw, (tuple, list)) else [None] * len(pad)
+    return {n - 1 - i for i in range(len(pad) // 2) if not (literal[2 * i] == 0 and literal[2 * i + 1] == 0 and isinstance(literal[2 * i], int) and isinstance(literal[2 * i + 1], int))}
 
 
 def _module_padded_axes(node, env) -> set[int]:

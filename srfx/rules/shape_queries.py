@@ -61,10 +61,10 @@ class ShapeQuery(ChannelRule):
             axes = set(range(n)) if which is None else {which % n}
         else:  # dim() reads no channel count; numel() reads all
             axes = set(range(n)) if node.target == "numel" else set()
-        touched = [r for r in env.dims(x) if set(r.axes) & axes]
+        # per dim: Swin reads H and W into padding arithmetic and C into a reshape; only the
+        # dims whose sizes reach arithmetic must stay
+        touched = [r for r in env.dims(x) if set(r.axes) & axes and not _only_in_shape_args(node, set(r.axes) & axes, env.modules)]
         if not touched:
-            return Effects(meta={"untouched": tuple(env.dims(x))})
-        if _only_in_shape_args(node, {a for r in touched for a in r.axes} & axes, env.modules):
             return Effects(meta={"untouched": tuple(env.dims(x))})
         why = f"{node.name}: channel count used in arithmetic"
         return Effects(fixed=tuple((r, why) for r in touched), meta={"untouched": tuple(r for r in env.dims(x) if r not in touched)})
