@@ -269,7 +269,9 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
         empty += [a for a in _head_mismatch(attentions, kept) if not base[a]]
         if not empty:
             break
-        base[empty] = True
+        # one at a time, most downstream first: what it reads may revive the upstream ones,
+        # which then keep real channels instead of an arbitrary one (idempotence)
+        base[empty[-1]] = True
     folds, folded_atoms, compensated_atoms = [], np.zeros(n_atoms, dtype=bool), np.zeros(n_atoms, dtype=bool)
     for r in readers:
         rows = kept[r.out_atoms]

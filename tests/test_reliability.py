@@ -223,3 +223,33 @@ def test_expanded_buffer_constant_does_not_break_compress():
     x = torch.randn(2, 10, 10)
     small = srfx.compress(model, x)
     assert torch.equal(model(x), small(x))
+
+
+def test_convs_kept_only_because_torch_needs_a_channel_stay_idempotent():
+    """The head reads nothing, so every conv would lose all its channels; torch needs one
+    each. Kept one at a time from the output back, the upstream conv keeps the channel the
+    downstream one reads, not an arbitrary dead one that a second pass would remove
+    (found by hypothesis, seed 13)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList([nn.Conv2d(1, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False)])
+            self.bn, self.gap, self.head = nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Linear(2, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.convs[1](torch.relu(self.bn(self.convs[0](x)))))
+            return self.head(self.gap(x).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.weight[0] = 0
+        model.bn.running_mean.normal_()
+        model.bn.bias.normal_()
+        model.head.weight[0] = 0
+    x = torch.randn(2, 1, 4, 4)
+    once = srfx.compress(model, x)
+    twice = srfx.compress(once, x)
+    assert once.meta["srfx_report"].params_after == twice.meta["srfx_report"].params_after
+    assert torch.allclose(model(x), once(x))
