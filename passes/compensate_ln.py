@@ -19,8 +19,6 @@ floating-point rounding. Before/after for one pre-norm block whose stream channe
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -28,21 +26,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from srfx.compensated_ln import CompensatedLayerNorm, compensate_reader
 from srfx.errors import RewriteError
+from srfx.passes import _attrs
 from srfx.facts import ParamKey, Ref
 from srfx.planning import NormSite, Plan
 
 __all__ = ["compensate_ln", "PENDING_KEY"]
 
 PENDING_KEY = "srfx_pending_compensation"  # set by minimize on a module this pass must finish
-
-
-def _get(root: nn.Module, qualname: str):
-    return operator.attrgetter(qualname)(root) if qualname else root
-
-
-def _set_module(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    owner, _, attr = qualname.rpartition(".")
-    setattr(_get(root, owner), attr, module)
 
 
 def _rows_kept(plan: Plan, weight: str) -> torch.Tensor:
@@ -67,7 +57,7 @@ def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: di
                     columns[name] = w[:, k : k + 1]
                     k += 1
             w, prior = w[:, : prior_norm.kept], (columns.get("emit_u"), columns.get("emit_v"), columns.get("emit_one"))
-        bias_now = _get(gm, role.bias) if role.bias else None
+        bias_now = _attrs.get(gm, role.bias) if role.bias else None
         comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit, prior=prior, one=_emits_one(site, prior_norm))
         out.append((role, comp))
     return out
@@ -90,11 +80,11 @@ def _resize_reshapes(gm: fx.GraphModule, site: NormSite, width: int) -> None:
 
 
 def _install_reader(gm: fx.GraphModule, role, comp) -> None:
-    owner = _get(gm, role.owner) if role.owner in dict(gm.named_modules()) else None
-    weight = _get(gm, role.weight)
-    _set_param(gm, role.weight, comp.weight, weight.requires_grad)
+    owner = _attrs.get(gm, role.owner) if role.owner in dict(gm.named_modules()) else None
+    weight = _attrs.get(gm, role.weight)
+    _attrs.put(gm, role.weight, comp.weight)
     if role.bias is not None:
-        _set_param(gm, role.bias, comp.bias, weight.requires_grad)
+        _attrs.put(gm, role.bias, comp.bias)
     elif comp.bias.any():
         if not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
             raise RewriteError(f"{role.owner} absorbs a compensated norm's shift but has no bias to hold it")
@@ -105,17 +95,12 @@ def _install_reader(gm: fx.GraphModule, role, comp) -> None:
         owner.in_channels = comp.weight.shape[1]
 
 
-def _set_param(gm: fx.GraphModule, qualname: str, value: torch.Tensor, requires_grad: bool) -> None:
-    owner, _, attr = qualname.rpartition(".")
-    setattr(_get(gm, owner), attr, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
-
-
 def _replace_norm(gm: fx.GraphModule, site: NormSite, norm: CompensatedLayerNorm, index: int) -> None:
     node = next((n for n in gm.graph.nodes if n.name == site.node), None)
     if node is None:
         raise RewriteError(f"compensate_ln: node {site.node} is not in the minimized graph")
     if node.op == "call_module":
-        _set_module(gm, node.target, norm)
+        _attrs.put(gm, node.target, norm)
         return
     # functional norm: own the parameters' module path when nothing else lives under it
     owner = (site.weight or site.bias or "").rpartition(".")[0]
@@ -125,7 +110,7 @@ def _replace_norm(gm: fx.GraphModule, site: NormSite, norm: CompensatedLayerNorm
     x = node.args[0] if node.args else node.kwargs["input"]
     with gm.graph.inserting_before(node):
         if target == owner:
-            _set_module(gm, owner, norm)
+            _attrs.put(gm, owner, norm)
         else:
             gm.add_submodule(target, norm)
         new = gm.graph.call_module(target, (x,))

@@ -11,7 +11,6 @@ BatchNorm's tensors are used nowhere else; the input module is not modified.
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Optional
 
 import torch
@@ -20,17 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
+from srfx.passes import _attrs
+
 __all__ = ["fold_batchnorm"]
-
-
-def _target(root: nn.Module, qualname: str):
-    return operator.attrgetter(qualname)(root)
 
 
 def _bn_tensors(gm, node) -> Optional[dict]:
     """mean, var, weight, bias, eps of a BatchNorm node, or None if it is not foldable."""
     if node.op == "call_module":
-        m = _target(gm, node.target)
+        m = _attrs.get(gm, node.target)
         if type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or m.running_mean is None:
             return None
         return {"mean": m.running_mean, "var": m.running_var, "weight": m.weight, "bias": m.bias, "eps": m.eps, "attrs": []}
@@ -44,7 +41,7 @@ def _bn_tensors(gm, node) -> Optional[dict]:
             return None
         if any(v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr" or len(v.users) != 1) for v in vals):
             return None
-        tensors = [_target(gm, v.target) if v is not None else None for v in vals]
+        tensors = [_attrs.get(gm, v.target) if v is not None else None for v in vals]
         return {"mean": tensors[0], "var": tensors[1], "weight": tensors[2], "bias": tensors[3], "eps": eps, "attrs": [v for v in vals if v is not None]}
     return None
 
@@ -69,7 +66,7 @@ def _fold(conv: nn.modules.conv._ConvNd, bn: dict) -> None:
 
 def _drop_attr(gm: fx.GraphModule, qualname: str) -> None:
     owner, _, attr = qualname.rpartition(".")
-    delattr(_target(gm, owner) if owner else gm, attr)
+    delattr(_attrs.get(gm, owner) if owner else gm, attr)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
@@ -82,7 +79,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op != "call_module" or counts[node.target] != 1:
             continue
-        conv = _target(gm, node.target)
+        conv = _attrs.get(gm, node.target)
         if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             continue
         readers = [u for u in node.users if not _reads_only_shape(u)]  # x.ndim asserts stay valid
@@ -99,9 +96,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
     for conv_name, bn_name in pairs:
         conv_node, bn_node = by_name[conv_name], by_name[bn_name]
         bn = _bn_tensors(out, bn_node)
-        if bn["weight"] is not None and bn["weight"].shape[0] != _target(out, conv_node.target).out_channels:
+        if bn["weight"] is not None and bn["weight"].shape[0] != _attrs.get(out, conv_node.target).out_channels:
             continue
-        _fold(_target(out, conv_node.target), bn)
+        _fold(_attrs.get(out, conv_node.target), bn)
         bn_node.replace_all_uses_with(conv_node)
         out.graph.erase_node(bn_node)
         for attr in bn["attrs"]:

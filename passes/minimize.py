@@ -12,7 +12,6 @@ names the norms until then).
 from __future__ import annotations
 
 import copy
-import operator
 from collections import defaultdict
 
 import numpy as np
@@ -24,24 +23,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from srfx.errors import RewriteError
 from srfx.facts import ParamKey, Ref, ValueKey
+from srfx.passes import _attrs
 from srfx.planning import Plan
 from srfx.registry import lookup
 from srfx.rules.movement import SHAPE_ARGS, SPLIT, Movement
 
 __all__ = ["minimize"]
-
-
-def _get(root: nn.Module, qualname: str):
-    return operator.attrgetter(qualname)(root)
-
-
-def _set(root: nn.Module, qualname: str, value) -> None:
-    owner_name, _, attr = qualname.rpartition(".")
-    owner = _get(root, owner_name) if owner_name else root
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        value = nn.Parameter(value, requires_grad=old.requires_grad)
-    setattr(owner, attr, value)
 
 
 def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
@@ -50,7 +37,7 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
         role = fold.role
         if not np.any(fold.values):  # zero constants add nothing (and grouped readers fold only those)
             continue
-        w = _get(gm, role.weight).detach().double()
+        w = _attrs.get(gm, role.weight).detach().double()
         out_axis = 1 - role.in_axis
         w = w.movedim((out_axis, role.in_axis), (0, 1))
         kernel = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
@@ -61,10 +48,10 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
         if not delta.any():
             continue
         if role.bias is not None:
-            bias = _get(gm, role.bias)
-            _set(gm, role.bias, (bias.detach().double() + delta).to(bias.dtype))
+            bias = _attrs.get(gm, role.bias)
+            _attrs.put(gm, role.bias, (bias.detach().double() + delta).to(bias.dtype))
         else:
-            module = _get(gm, role.owner)
+            module = _attrs.get(gm, role.owner)
             if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 raise RewriteError(f"{role.owner} reads a constant channel but has no bias to fold it into")
             # a new bias has no channel dim of its own: give it the rows the weight keeps
@@ -84,17 +71,17 @@ def _slice_parameters(gm: fx.GraphModule, plan: Plan) -> set[str]:
         aliases[canon].append(name)
     touched = set()
     for qualname, axes in cuts.items():
-        t = _get(gm, qualname).detach()
+        t = _attrs.get(gm, qualname).detach()
         for axis, keep in axes.items():
             t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long, device=t.device))
         for name in aliases.get(qualname, [qualname]):
-            _set(gm, name, t.clone() if name != qualname else t)
+            _attrs.put(gm, name, t.clone() if name != qualname else t)
             touched.add(name.rpartition(".")[0])
         if len(aliases.get(qualname, [])) > 1:  # keep tied tensors tied
-            first = _get(gm, qualname)
+            first = _attrs.get(gm, qualname)
             for name in aliases[qualname]:
                 owner, _, attr = name.rpartition(".")
-                setattr(_get(gm, owner) if owner else gm, attr, first)
+                setattr(_attrs.get(gm, owner) if owner else gm, attr, first)
     return touched
 
 
@@ -237,8 +224,8 @@ def _compose_gather(gm: fx.GraphModule, x: fx.Node, axis: int, keep: torch.Tenso
     ndim = len(facts_of(x).shape)
     if x.args[1] % ndim != axis % ndim:
         return False
-    old = _get(gm, index.target)
-    _set(gm, index.target, old.index_select(0, keep.to(old.device)))
+    old = _attrs.get(gm, index.target)
+    _attrs.put(gm, index.target, old.index_select(0, keep.to(old.device)))
     return True
 
 
@@ -258,8 +245,8 @@ def _rewrite_index_selects(gm: fx.GraphModule, plan: Plan) -> None:
         kept_in = plan.keep(inp[0].id)
         new = np.searchsorted(kept_in, idx[plan.keep(out[0].id)])
         index = node.args[2]
-        old = _get(gm, index.target)
-        _set(gm, index.target, torch.as_tensor(new, dtype=old.dtype, device=old.device))
+        old = _attrs.get(gm, index.target)
+        _attrs.put(gm, index.target, torch.as_tensor(new, dtype=old.dtype, device=old.device))
 
 
 def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
@@ -270,11 +257,11 @@ def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
     for i, gather in enumerate(plan.gathers):
         role = gather.role
         keep = torch.as_tensor(gather.keep, dtype=torch.long)
-        w = _get(gm, role.weight)
-        _set(gm, role.weight, w.detach().index_select(role.in_axis, keep))
+        w = _attrs.get(gm, role.weight)
+        _attrs.put(gm, role.weight, w.detach().index_select(role.in_axis, keep))
         node = nodes[role.owner]
         x = node.args[0]
-        axis = -1 if isinstance(_get(gm, role.owner), nn.Linear) else 1
+        axis = -1 if isinstance(_attrs.get(gm, role.owner), nn.Linear) else 1
         touched.add(role.owner)
         if _compose_gather(gm, x, axis, keep):
             continue
@@ -300,7 +287,7 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
     _fold_constants(out, plan)
     touched = _slice_parameters(out, plan) | _gather_inputs(out, plan)
     for name in touched:
-        module = _get(out, name) if name else out
+        module = _attrs.get(out, name) if name else out
         if isinstance(module, nn.Module):
             _resize_module(module)
     _rewrite_shape_args(out, plan)
