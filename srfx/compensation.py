@@ -87,27 +87,18 @@ def _transparent(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def _zero_pad_keeps_channels(node: fx.Node, axis: int, ndim: int) -> bool:
-    """F.pad with zeros that pads no channel: the removed channels were padded with zeros,
-    and so are u, v and a ones channel standing for beta (see NormSite.zero_padded)."""
-    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+def _pads_with_zeros(node: fx.Node) -> bool:
+    """F.pad in constant mode with zeros. It pads no channel here: the pad rule gives its
+    output the channel dim only where that axis's pad pair is literal zeros. The removed
+    channels were padded with zeros, and so are u, v and a ones channel standing for beta
+    (see NormSite.zero_padded)."""
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (tuple, list)):
-        return False
-    pair = ndim - 1 - axis  # F.pad lists (lo, hi) pairs from the last axis backwards
-    return 2 * pair >= len(pad) or (pad[2 * pair] == 0 and pad[2 * pair + 1] == 0)
-
-
-def _same_channels(coupling: Coupling, node: fx.Node, atoms: np.ndarray) -> bool:
-    """The node's value carries the norm's channels, in order, on one axis."""
-    for d in coupling.dims_of_value(ValueKey(node.name)):
-        if len(d.ref.axes) == 1 and d.size == len(atoms) and np.array_equal(coupling.atoms(d), atoms):
-            return True
-    return False
+    return mode == "constant" and value in (None, 0, 0.0)
 
 
 def _channel_axis(coupling: Coupling, node: fx.Node, atoms: np.ndarray) -> Optional[int]:
+    """The axis on which the node's value carries the norm's channels, in order (None: not so)."""
     for d in coupling.dims_of_value(ValueKey(node.name)):
         if len(d.ref.axes) == 1 and np.array_equal(coupling.atoms(d), atoms):
             return d.ref.axes[0]
@@ -144,17 +135,35 @@ def _is_shape_query(node: fx.Node) -> bool:
     )
 
 
-def _absorbing_readers(coupling: Coupling, params: dict, norm: fx.Node, out_atoms: np.ndarray):
+@dataclass(frozen=True)
+class _Graph:
+    """What every norm's walk asks of the graph, built once per analysis."""
+
+    coupling: Coupling
+    params: dict
+    modules: dict
+    readers: dict  # node name -> reader Role
+    calls: dict  # module qualname -> call sites
+    tied: frozenset  # parameter names shared with another name
+
+    @classmethod
+    def of(cls, coupling: Coupling) -> "_Graph":
+        gm = coupling.graph_module
+        calls: dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+        readers = {r.node: r for r in coupling.roles if r.kind == "reader"}
+        tied = frozenset(n for pair in coupling.aliases.items() if pair[0] != pair[1] for n in pair)
+        return cls(coupling, params, dict(gm.named_modules()), readers, calls, tied)
+
+
+def _absorbing_readers(graph: _Graph, norm: fx.Node, out_atoms: np.ndarray):
     """The readers that absorb every use of ``norm``'s output and the channel-count reads to
     patch, or () and the reason why not."""
-    gm = coupling.graph_module
-    modules = dict(gm.named_modules())
-    readers_by_node = {r.node: r for r in coupling.roles if r.kind == "reader"}
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-    tied = {n for pair in coupling.aliases.items() if pair[0] != pair[1] for n in pair}
+    coupling, params, modules, calls, tied = graph.coupling, graph.params, graph.modules, graph.calls, graph.tied
+    readers_by_node = graph.readers
     found, sizes, reshapes, todo, seen = [], [], [], [norm], {norm}
     zero_padded = False
     while todo:
@@ -186,12 +195,12 @@ def _absorbing_readers(coupling: Coupling, params: dict, norm: fx.Node, out_atom
                 found.append(role)
                 continue
             tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr" and facts_of(a) is not None and facts_of(a).is_tensor]
-            if not _transparent(user, modules) or tensor_inputs != [value] or not _same_channels(coupling, user, out_atoms):
+            axis = _channel_axis(coupling, user, out_atoms) if _transparent(user, modules) and tensor_inputs == [value] else None
+            if axis is None:
                 return (), f"{user.name} uses its output", (), (), False
-            axis = _channel_axis(coupling, user, out_atoms)
             if user.target is F.pad:
-                if not _zero_pad_keeps_channels(user, _channel_axis(coupling, value, out_atoms), len(facts_of(value).shape)):
-                    return (), f"{user.name} pads it other than with zeros off the channel axis", (), (), False
+                if not _pads_with_zeros(user):
+                    return (), f"{user.name} pads it other than with zeros", (), (), False
                 zero_padded = True
             if user.target in _RESHAPES:
                 reshapes.append((user.name, axis))
@@ -218,9 +227,8 @@ class Absorption:
 def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
     """Every LayerNorm/RMSNorm over one channel axis, and whether its readers could absorb
     removed channels (for ``show_groups``; the plan adds which channels are constant)."""
-    gm = coupling.graph_module
-    nodes = {n.name: n for n in gm.graph.nodes}
-    params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    nodes = {n.name: n for n in coupling.graph_module.graph.nodes}
+    graph = _Graph.of(coupling)
     found = []
     for name, eff in coupling.effects.items():
         if eff.meta.get("norm") not in ("layer", "rms", "compensated") or not eff.mixes:
@@ -231,7 +239,7 @@ def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
         out_dims = [d for d in coupling.dims_of_value(ValueKey(name)) if d.ref.axes == in_ref.axes]
         if not out_dims:
             continue
-        readers, why, sizes, reshapes, padded = _absorbing_readers(coupling, params, nodes[name], coupling.atoms(out_dims[0]))
+        readers, why, sizes, reshapes, padded = _absorbing_readers(graph, nodes[name], coupling.atoms(out_dims[0]))
         found.append(Absorption(name, eff.meta.get("owner", name), coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes, reshapes, padded))
     return tuple(found)
 
