@@ -29,14 +29,6 @@ from .facts import ParamKey
 __all__ = ["group_masks", "group_pruner", "atom_slices"]
 
 
-def _prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    names = {}
-    for mname, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            names[f"{mname}.weight" if mname else "weight"] = m.weight
-    return names
-
-
 def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[str, int, int]]]:
     """atom -> [(parameter qualname, axis, index)]: the parameter slices each atom owns, for
     atoms of shrinkable groups whose channels are single-axis (not heads x head dims)."""
@@ -63,7 +55,9 @@ def group_masks(model: nn.Module, example_input: Any, sparsity: float, existing:
     """Keep-masks (name -> bool tensor) over Linear/Conv weights with at least ``sparsity`` of
     their entries masked, pruning whole atoms weakest first (RMS of their weight entries, the
     already-masked entries counting as zero). ``existing`` masks stay masked."""
-    counted = _prunable_weights(model)
+    from srfx.passes.mask import prunable_parameters  # the weights the cycle's sparsity counts
+
+    counted = prunable_parameters(model)
     params = dict(model.named_parameters())
     slices = slices if slices is not None else atom_slices(model, example_input)
     owned_names = {name for owned in slices.values() for name, _, _ in owned} | set(counted)
