@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import srfx  # noqa: E402
-from srfx.cycle import SqueezeRelease, SupervisedLoop, sparsity_of, unit_pruner  # noqa: E402
+from srfx.cycle import SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
 from srfx.passes import apply_masks, magnitude_masks  # noqa: E402
 from srfx.passes.mask import prunable_parameters  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
@@ -95,25 +95,8 @@ def load_mnist(data_dir: Path):
     return images(arr["train_x"]), torch.from_numpy(arr["train_y"].astype(np.int64)), images(arr["test_x"]), torch.from_numpy(arr["test_y"].astype(np.int64))
 
 
-class Batches:
-    """Minibatches of in-memory tensors (reshuffled every pass with ``generator`` when
-    ``shuffle``): what a DataLoader would give, without per-sample indexing."""
-
-    def __init__(self, x, y, batch_size, shuffle, seed=0):
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self):
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
-        for b in idx.split(self.batch_size):
-            yield self.x[b], self.y[b]
-
-
 class PairTargets:
-    """Labels and teacher logits, indexed together (what :class:`Batches` yields as targets)."""
+    """Labels and teacher logits, indexed together (what :class:`TensorBatches` yields as targets)."""
 
     def __init__(self, labels, logits):
         self.labels, self.logits = labels, logits
@@ -239,9 +222,9 @@ def main(argv=None) -> int:
     x, y, test_x, test_y = load_mnist(args.data)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     tr, va = perm[5000:], perm[:5000]
-    train = Batches(x[tr], y[tr], args.batch_size, True, args.seed)
-    val = Batches(x[va], y[va], 1000, False)
-    test = Batches(test_x, test_y, 1000, False)
+    train = TensorBatches(x[tr], y[tr], args.batch_size, True, args.seed)
+    val = TensorBatches(x[va], y[va], 1000, False)
+    test = TensorBatches(test_x, test_y, 1000, False)
     example = x[va[:8]]
     calib_x, calib_y = x[tr[:5000]], y[tr[:5000]]
     results_dir = ROOT / "bench" / "results"
@@ -294,7 +277,7 @@ def main(argv=None) -> int:
         models["dense"] = d
     with torch.no_grad():
         calib_t = dense(calib_x)
-        distilled = Batches(x[tr], PairTargets(y[tr], dense(x[tr])), args.batch_size, True, args.seed)
+        distilled = TensorBatches(x[tr], PairTargets(y[tr], dense(x[tr])), args.batch_size, True, args.seed)
 
     def kd_loss(model):  # the greedy unit pruner's yardstick: distillation + CE on a fixed train batch
         with torch.no_grad():

@@ -31,26 +31,11 @@ def _digits():
     return (x[perm[:a]], y[perm[:a]]), (x[perm[a:b]], y[perm[a:b]]), (x[perm[b:]], y[perm[b:]])
 
 
-class _Batches:
-    def __init__(self, data, batch_size, shuffle):
-        self.x, self.y = data
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(1)
-
-    def __len__(self):
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
-        for b in idx.split(self.batch_size):
-            yield self.x[b], self.y[b]
-
-
 def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progress: bool = False) -> None:
     """``sparsity``: the fraction of the weights the cycles aim to remove in all (each cycle
     prunes ``1 - (1 - sparsity) ** (1 / cycles)`` of what is left)."""
     import srfx
-    from srfx.cycle import SqueezeRelease, SupervisedLoop, unit_pruner
+    from srfx.cycle import SqueezeRelease, SupervisedLoop, TensorBatches, unit_pruner
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -59,8 +44,8 @@ def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progre
         start = time.time()
         train, val, test = _digits()
         dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-        SupervisedLoop(_Batches(train, 64, True), None, lr=3e-3, schedule="cosine").train(dense, 10 if quick else 40)
-        tester = SupervisedLoop(None, _Batches(test, 512, False))
+        SupervisedLoop(TensorBatches(*train, 64, True, seed=1), None, lr=3e-3, schedule="cosine").train(dense, 10 if quick else 40)
+        tester = SupervisedLoop(None, TensorBatches(*test, 512, False))
         dense_acc = tester.evaluate(dense)
         print(f"dense MLP 64-128-64-10: {srfx.report.count_parameters(dense)} parameters, test accuracy {dense_acc:.3f}")
 
@@ -71,7 +56,7 @@ def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progre
                 return float(F.cross_entropy(model(calib_x), calib_y))
 
         sr = SqueezeRelease.supervised(
-            dense, test[0][:8], _Batches(train, 64, True), _Batches(val, 512, False),
+            dense, test[0][:8], TensorBatches(*train, 64, True, seed=1), TensorBatches(*val, 512, False),
             lr=2e-3, teacher=dense, distill=0.5, schedule="cosine",
             cycles=cycles, target_sparsity=1 - (1 - sparsity) ** (1 / cycles),
             pruner=unit_pruner(calib_x, loss=loss), prune_rate=0.3, tolerance=0.02,

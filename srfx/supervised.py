@@ -11,7 +11,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SupervisedLoop"]
+__all__ = ["SupervisedLoop", "TensorBatches"]
+
+
+class TensorBatches:
+    """Minibatches of in-memory tensors for :class:`SupervisedLoop`: what a DataLoader would
+    give, without per-sample indexing. ``y`` is anything indexable by an index tensor with a
+    length (labels, or labels and teacher logits together); reshuffled on every pass with a
+    generator seeded by ``seed`` when ``shuffle``."""
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
+        for b in idx.split(self.batch_size):
+            yield self.x[b], self.y[b]
 
 
 def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[dict]:

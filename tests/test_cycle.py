@@ -9,23 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_untouched, snapshot
-from srfx.cycle import CycleRecord, SqueezeRelease, SupervisedLoop, kept_indices, sparsity_of, ungather, unit_pruner
+from srfx.cycle import CycleRecord, SqueezeRelease, SupervisedLoop, TensorBatches, kept_indices, sparsity_of, ungather, unit_pruner
 from srfx.passes import apply_masks
 from srfx.report import count_nonzero, count_stored
-
-
-class _Batches:
-    def __init__(self, x, y, bs, shuffle):
-        self.x, self.y, self.bs, self.shuffle = x, y, bs, shuffle
-        self.generator = torch.Generator().manual_seed(0)
-
-    def __len__(self):
-        return (len(self.y) + self.bs - 1) // self.bs
-
-    def __iter__(self):
-        idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
-        for b in idx.split(self.bs):
-            yield self.x[b], self.y[b]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +30,7 @@ def trained(digits):
     torch.manual_seed(0)
     (x, y), val = digits
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    loop = SupervisedLoop(_Batches(x, y, 64, True), _Batches(*val, 500, False), lr=3e-3)
+    loop = SupervisedLoop(TensorBatches(x, y, 64, True), TensorBatches(*val, 500, False), lr=3e-3)
     loop.train(m, 10)
     return m
 
@@ -54,7 +40,7 @@ def test_supervised_driver(digits, trained):
     (x, y), (vx, vy) = digits
     before = snapshot(trained)
     sr = SqueezeRelease.supervised(
-        trained, x[:8], _Batches(x, y, 64, True), _Batches(vx, vy, 500, False),
+        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False),
         lr=1e-3, cycles=3, target_sparsity=0.7, recovery_epochs=0.5, finetune_epochs=1, tolerance=0.05, log=None,
     )
     final = sr.run()
@@ -140,7 +126,7 @@ def _without_times(history):
 def _driver(digits, trained, **kw):
     (x, y), (vx, vy) = digits
     return SqueezeRelease.supervised(
-        trained, x[:8], _Batches(x, y, 64, True), _Batches(vx, vy, 500, False),
+        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False),
         lr=1e-3, cycles=3, target_sparsity=0.6, recovery_epochs=0.3, finetune_epochs=0.5, tolerance=0.1, log=None, **kw,
     )
 
