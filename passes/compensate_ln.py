@@ -25,14 +25,13 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from srfx.compensated_ln import CompensatedLayerNorm, compensate_reader
+from srfx.compensation import PENDING_KEY
 from srfx.errors import RewriteError
-from srfx.passes import _attrs
 from srfx.facts import ParamKey, Ref
+from srfx.passes import _attrs
 from srfx.planning import NormSite, Plan
 
 __all__ = ["compensate_ln", "PENDING_KEY"]
-
-PENDING_KEY = "srfx_pending_compensation"  # set by minimize on a module this pass must finish
 
 
 def _rows_kept(plan: Plan, weight: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
+from srfx.compensation import PENDING_KEY
 from srfx.errors import RewriteError
 from srfx.facts import ParamKey, Ref, ValueKey
 from srfx.passes import _attrs
@@ -81,7 +82,7 @@ def _slice_parameters(gm: fx.GraphModule, plan: Plan) -> set[str]:
             first = _attrs.get(gm, qualname)
             for name in aliases[qualname]:
                 owner, _, attr = name.rpartition(".")
-                setattr(_attrs.get(gm, owner) if owner else gm, attr, first)
+                setattr(_attrs.get(gm, owner), attr, first)
     return touched
 
 
@@ -287,14 +288,14 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
     _fold_constants(out, plan)
     touched = _slice_parameters(out, plan) | _gather_inputs(out, plan)
     for name in touched:
-        module = _attrs.get(out, name) if name else out
+        module = _attrs.get(out, name)
         if isinstance(module, nn.Module):
             _resize_module(module)
     _rewrite_shape_args(out, plan)
     _rewrite_index_selects(out, plan)
     _pin_attention_scale(out, plan)
     if plan.compensations:  # the narrowed norms are only right once compensate_ln has run
-        out.meta["srfx_pending_compensation"] = tuple(site.node for site in plan.compensations)
+        out.meta[PENDING_KEY] = tuple(site.node for site in plan.compensations)
     out.graph.lint()
     out.recompile()
     return PassResult(out, True)

@@ -33,7 +33,10 @@ from .coupling import Coupling
 from .facts import Role, ValueKey
 from .tracing import facts_of
 
-__all__ = ["NormSite", "Absorption", "norm_absorption", "compensable_norms"]
+__all__ = ["NormSite", "Absorption", "norm_absorption", "compensable_norms", "PENDING_KEY"]
+
+# minimize marks its output with the norms it narrowed; compensate_ln finishes them and clears it
+PENDING_KEY = "srfx_pending_compensation"
 
 
 @dataclass(frozen=True, eq=False)

@@ -260,17 +260,18 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
         coupling.atoms(d) for d in coupling.dims
         if isinstance(d.ref.value, ParamKey) and params[d.ref.value.qualname].dim() >= 3 and d.size
     ]
+    # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger);
+    # a norm keeps one too (its statistics need something to normalize)
+    must_keep_one = conv_dims + [coupling.atoms(coupling.dims[site.in_dim]) for site in sites]
     while True:
         kept = _fixpoint(coupling, readers, base, n_atoms, free, attentions)
-        # torch refuses a conv with zero channels: one that would vanish keeps one (exact, larger);
-        # a norm keeps one too (its statistics need something to normalize)
-        norm_dims = [coupling.atoms(coupling.dims[site.in_dim]) for site in sites]
-        empty = [atoms[0] for atoms in conv_dims + norm_dims if len(atoms) and not kept[atoms].any()]
+        empty = [atoms[0] for atoms in must_keep_one if len(atoms) and not kept[atoms].any()]
         empty += [a for a in _head_mismatch(attentions, kept) if not base[a]]
         if not empty:
             break
-        # one at a time, most downstream first: what it reads may revive the upstream ones,
-        # which then keep real channels instead of an arbitrary one (idempotence)
+        # one at a time, the last found first (convs come in graph order, so the most
+        # downstream one): what it reads may revive upstream channels, which then keep real
+        # channels instead of an arbitrary one (idempotence)
         base[empty[-1]] = True
     folds, folded_atoms, compensated_atoms = [], np.zeros(n_atoms, dtype=bool), np.zeros(n_atoms, dtype=bool)
     for r in readers:
