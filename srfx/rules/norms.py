@@ -30,6 +30,14 @@ def _arg_refs(env, args):
     return [r for a in args if a is not None for r in env.dims(a)]
 
 
+def _shift_where_unscaled(weight, bias, otherwise: np.ndarray) -> np.ndarray:
+    """A zero scale makes a norm output its shift whatever comes in (gamma = 0 frees a
+    channel): per channel, the shift there and ``otherwise`` elsewhere."""
+    w = weight.detach().double().numpy()
+    shift = bias.detach().double().numpy() if bias is not None else np.zeros_like(w)
+    return np.where(w == 0, shift, otherwise)
+
+
 def _channel_effects(node, env, ch_axis, params, role_owner):
     x = env.tensor_args()[0]
     links, outs = [], []
@@ -93,12 +101,9 @@ class BatchNormRule(ChannelRule):
             y = call_with(node, env, lambda a: args[a] if a in args else (env.param_value(a).double() if a.op == "get_attr" else env.concrete(a)))
         vals = per_channel_constant(y, (1,))
         vals[np.isnan(c)] = np.nan
-        # a zero scale makes the output its shift whatever comes in (gamma = 0 frees a channel)
         weight, bias = self._affine(node, env)
         if weight is not None:
-            w = weight.detach().double().numpy()
-            shift = bias.detach().double().numpy() if bias is not None else np.zeros_like(w)
-            vals = np.where(w == 0, shift, vals)
+            vals = _shift_where_unscaled(weight, bias, vals)
         return {out: vals}
 
     def _affine(self, node, env):
@@ -145,12 +150,9 @@ class LayerNormRule(ChannelRule):
             why = f"{node.name}: normalizes over {len(shape)} axes"
             return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (n - 1,)), why),))
         if node.op == "call_module":
-            params = _affine_params(node, env, ["weight", "bias"])
+            params, owner = _affine_params(node, env, ["weight", "bias"]), node.target
         else:
             params = _arg_refs(env, [env.arg(2, "weight")] + ([env.arg(3, "bias")] if centered else []))
-        if node.op == "call_module":
-            owner = node.target
-        else:
             owner = (weight or bias).rsplit(".", 1)[0] if (weight or bias) else node.name
         x_ch, out, eff = _channel_effects(node, env, n - 1, params, owner)
         kind = "LayerNorm" if centered else "RMSNorm"
@@ -165,10 +167,8 @@ class LayerNormRule(ChannelRule):
         if isinstance(found, str) or len(found[0]) != 1 or found[1] is None:
             return {}
         _, weight, bias, _, _ = found
-        w = known.param(weight).detach().double().numpy()
-        shift = known.param(bias).detach().double().numpy() if bias is not None else np.zeros_like(w)
         n = len(env.shape(env.tensor_args()[0]))
-        return {env.out((n - 1,)): np.where(w == 0, shift, np.nan)}
+        return {env.out((n - 1,)): _shift_where_unscaled(known.param(weight), known.param(bias) if bias else None, np.nan)}
 
 
 class CompensatedLayerNormRule(ChannelRule):
@@ -214,9 +214,7 @@ class CompensatedLayerNormRule(ChannelRule):
         m = env.module()
         if m.weight is None:
             return {}
-        w = m.weight.detach().double().numpy()
-        shift = m.bias.detach().double().numpy() if m.bias is not None else np.zeros_like(w)
-        vals = np.concatenate([np.where(w == 0, shift, np.nan), np.full(m.extra_channels, np.nan)])
+        vals = np.concatenate([_shift_where_unscaled(m.weight, m.bias, np.nan), np.full(m.extra_channels, np.nan)])
         return {env.out((m.channel_dim % len(env.shape(env.tensor_args()[0])),)): vals}
 
 
