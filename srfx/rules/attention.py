@@ -75,7 +75,7 @@ class ScaledDotProductAttention(ChannelRule):
 
     def effects(self, node, env):
         q, k, v = (env.arg(i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
-        tensors = [t for t in env.tensor_args()]
+        tensors = env.tensor_args()
         why_all = None
         if any(env.shape(t) is None or len(env.shape(t)) != 4 for t in (q, k, v)):
             why_all = "attention on other than (batch, heads, tokens, dims) tensors"

@@ -425,8 +425,10 @@ class IndexSelect(ChannelRule):
         eff = known.effects(node)
         result = {}
         for link in eff.links:
-            vals = known.value(link.b if link.pairs is not None else link.a)
-            result[link.a if link.pairs is not None else link.b] = vals[eff.meta["index"]] if link.pairs is not None else vals
+            if link.pairs is None:  # an axis it does not select along: the same values
+                result[link.b] = known.value(link.a)
+            else:  # along the selected axis, output i is input index[i]
+                result[link.a] = known.value(link.b)[eff.meta["index"]]
         return result
 
 
