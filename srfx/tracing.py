@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.proxy import ParameterProxy
 
+from .decompose import decompose_attention
 from .errors import InputError, TraceError
 
 __all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "preserved_buffers"]
@@ -69,12 +70,6 @@ def _tensor_at(root: torch.nn.Module, qualname: str) -> Any:
         if mod is None:
             return None
     return mod._parameters.get(leaf, mod._buffers.get(leaf))
-
-
-def decompose_attention(model: torch.nn.Module) -> int:
-    from .decompose import decompose_attention as _decompose
-
-    return _decompose(model)
 
 
 def _srfx_leaf_types() -> tuple[type, ...]:
