@@ -18,10 +18,15 @@ class TensorBatches:
     """Minibatches of in-memory tensors for :class:`SupervisedLoop`: what a DataLoader would
     give, without per-sample indexing. ``y`` is anything indexable by an index tensor with a
     length (labels, or labels and teacher logits together); reshuffled on every pass with a
-    generator seeded by ``seed`` when ``shuffle``."""
+    generator seeded by ``seed`` when ``shuffle``.
 
-    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int = 0):
+    ``transform(x_batch, generator) -> x_batch`` (e.g. a random augmentation) is applied to each
+    batch and draws its randomness from the same generator, so a checkpointed run that saves the
+    generator's state resumes with the same augmented batches."""
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int = 0, transform: Optional[Callable] = None):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.transform = transform
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self):
@@ -30,7 +35,8 @@ class TensorBatches:
     def __iter__(self):
         idx = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
         for b in idx.split(self.batch_size):
-            yield self.x[b], self.y[b]
+            x = self.x[b]
+            yield (self.transform(x, self.generator) if self.transform is not None else x), self.y[b]
 
 
 def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[dict]:

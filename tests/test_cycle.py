@@ -119,6 +119,25 @@ def test_sparsity_of():
     assert sparsity_of(m) == pytest.approx(18 / 20)
 
 
+def test_batch_transform_draws_from_the_loaders_generator():
+    """An augmentation given to TensorBatches uses the loader's generator: the batches repeat
+    when the generator's state does (what checkpoint resume relies on), and differ otherwise."""
+    x, y = torch.randn(20, 3), torch.arange(20)
+
+    def jitter(xb, generator):
+        return xb + torch.randn(xb.shape, generator=generator)
+
+    loader = TensorBatches(x, y, 8, True, seed=3, transform=jitter)
+    state = loader.generator.get_state()
+    first = [(bx.clone(), by.clone()) for bx, by in loader]
+    second = list(loader)
+    loader.generator.set_state(state)
+    again = list(loader)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], second[0][0])
+    assert all(not torch.equal(bx, x[by]) for bx, by in first)  # the transform ran on every batch
+
+
 def _without_times(history):
     return [{k: v for k, v in r.as_dict().items() if k not in ("seconds", "stage_seconds")} for r in history]
 
