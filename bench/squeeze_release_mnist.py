@@ -108,6 +108,40 @@ class PairTargets:
         return self.labels[idx], self.logits[idx]
 
 
+def random_shift(max_shift: int, side: int = 28, fill: float = -MEAN / STD):
+    """A :class:`TensorBatches` transform: each flattened ``side`` x ``side`` image moves by a
+    random whole-pixel offset in [-max_shift, max_shift] on both axes; uncovered pixels get
+    ``fill`` (the normalized background)."""
+
+    def shift(xb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, s = len(xb), max_shift
+        padded = F.pad(xb.view(n, side, side), (s, s, s, s), value=fill)
+        dy, dx = (torch.randint(-s, s + 1, (n, 1), generator=generator) for _ in range(2))
+        rows = (torch.arange(side) + s + dy)[:, :, None]
+        cols = (torch.arange(side) + s + dx)[:, None, :]
+        return padded[torch.arange(n)[:, None, None], rows, cols].reshape(n, -1)
+
+    return shift
+
+
+class TeacherLabeled:
+    """Batches of ``loader`` with targets (labels, teacher logits of the batch as given): the
+    teacher labels each augmented image itself, so student and teacher see the same view."""
+
+    def __init__(self, loader: TensorBatches, teacher: nn.Module):
+        self.loader, self.teacher = loader, teacher.eval()
+        self.generator = loader.generator
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for xb, yb in self.loader:
+            with torch.no_grad():
+                logits = self.teacher(xb)
+            yield xb, (yb, logits)  # outside no_grad: the consumer trains while we are suspended
+
+
 def lenet_300_100() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
 
@@ -195,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--dense-epochs", type=float, default=20)
     p.add_argument("--tolerance", type=float, default=0.005, help="allowed validation-accuracy drop vs dense for the headline")
     p.add_argument("--prune-tolerance", type=float, default=0.03, help="rollback threshold of the pruning steps (vs dense validation accuracy)")
+    p.add_argument("--augment", type=int, default=0, metavar="PIXELS", help="train every method (the dense baseline too) on images shifted by up to this many pixels; 0: none")
     p.add_argument("--distill", type=float, default=0.7, help="weight of the distillation term (0: plain cross-entropy)")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--imp-sparsity", type=float, default=0.98)
@@ -222,7 +257,8 @@ def main(argv=None) -> int:
     x, y, test_x, test_y = load_mnist(args.data)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     tr, va = perm[5000:], perm[:5000]
-    train = TensorBatches(x[tr], y[tr], args.batch_size, True, args.seed)
+    augment = random_shift(args.augment) if args.augment > 0 else None
+    train = TensorBatches(x[tr], y[tr], args.batch_size, True, args.seed, transform=augment)
     val = TensorBatches(x[va], y[va], 1000, False)
     test = TensorBatches(test_x, test_y, 1000, False)
     example = x[va[:8]]
@@ -277,7 +313,10 @@ def main(argv=None) -> int:
         models["dense"] = d
     with torch.no_grad():
         calib_t = dense(calib_x)
-        distilled = TensorBatches(x[tr], PairTargets(y[tr], dense(x[tr])), args.batch_size, True, args.seed)
+        if augment is None:  # the teacher's logits once, not per batch
+            distilled = TensorBatches(x[tr], PairTargets(y[tr], dense(x[tr])), args.batch_size, True, args.seed)
+        else:
+            distilled = TeacherLabeled(TensorBatches(x[tr], y[tr], args.batch_size, True, args.seed, transform=augment), dense)
 
     def kd_loss(model):  # the greedy unit pruner's yardstick: distillation + CE on a fixed train batch
         with torch.no_grad():
