@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import srfx  # noqa: E402
-from srfx.cycle import SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
+from srfx.cycle import ReleaseSettings, Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
 from srfx.passes import apply_masks, magnitude_masks  # noqa: E402
 from srfx.passes.mask import prunable_parameters  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
@@ -289,8 +289,8 @@ def main(argv=None) -> int:
 
     def loop(lr, teacher=None):
         if teacher is None:
-            return SupervisedLoop(train, val, lr=lr, schedule="cosine", progress=args.progress)
-        return SupervisedLoop(distilled, val, lr=lr, loss=kd_targets, schedule="cosine", progress=args.progress)
+            return SupervisedLoop(train, val, lr=lr, lr_schedule="cosine", progress=args.progress)
+        return SupervisedLoop(distilled, val, lr=lr, loss=kd_targets, lr_schedule="cosine", progress=args.progress)
 
     def kd_targets(out, target):  # distillation with the teacher's logits precomputed once
         labels, logits = target
@@ -330,20 +330,24 @@ def main(argv=None) -> int:
         lp.train(m, epochs, {n: p.detach() != 0 for n, p in prunable_parameters(m).items()})
         return m, lp.steps
 
-    def run_cycles(method, budget_steps=None, **kw):
+    def run_cycles(method, budget_steps=None, pruner=None, release=True, **schedule):
         """The cycle driver, then fine-tuning of the last ``--finals`` compressed models; with
-        ``budget_steps`` only the last one, for whatever that budget leaves (the ablations)."""
+        ``budget_steps`` only the last one, for whatever that budget leaves (the ablations).
+        ``schedule``: what differs from the command line's :class:`Schedule`."""
         t0 = time.perf_counter()
         reseed()
         sr = SqueezeRelease.supervised(
             dense, example, distilled if args.distill > 0 else train, val,
-            lr=args.ft_lr, loss=kd_targets if args.distill > 0 else F.cross_entropy, schedule="cosine",
-            cycles=kw.pop("cycles", args.cycles), target_sparsity=kw.pop("target_sparsity", args.sr_sparsity), target_params=args.target_params,
-            pruner=kw.pop("pruner", unit_pruner(calib_x, compensate=True, loss=kd_loss, chunks=3)),
-            prune_rate=kw.pop("prune_rate", args.sr_rate), tolerance=args.prune_tolerance, reference_accuracy=dense_val,
-            recovery_epochs=kw.pop("recovery_epochs", args.sr_recovery), finetune_epochs=args.sr_finetune, release_epochs=args.sr_release_epochs,
-            release_scale=args.release_scale, optimizer_state=args.optimizer_state, max_prune_steps=kw.pop("max_prune_steps", 30),
-            progress=args.progress, seed=args.seed, **kw,
+            lr=args.ft_lr, loss=kd_targets if args.distill > 0 else F.cross_entropy, lr_schedule="cosine",
+            schedule=Schedule(**{
+                "cycles": args.cycles, "target_sparsity": args.sr_sparsity, "target_params": args.target_params,
+                "prune_rate": args.sr_rate, "tolerance": args.prune_tolerance, "reference_accuracy": dense_val,
+                "recovery_epochs": args.sr_recovery, "finetune_epochs": args.sr_finetune, "release_epochs": args.sr_release_epochs,
+                "max_prune_steps": 30, **schedule,
+            }),
+            release=ReleaseSettings(enabled=release, scale=args.release_scale),
+            pruner=pruner or unit_pruner(calib_x, compensate=True, loss=kd_loss, chunks=3),
+            optimizer_state=args.optimizer_state, progress=args.progress, seed=args.seed,
         )
         sr.run()
         print(sr.table(), flush=True)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from srfx.cycle import SqueezeRelease
+from srfx.cycle import Schedule, SqueezeRelease
 from srfx.passes import apply_masks
 from srfx.report import count_parameters
 
@@ -116,8 +116,11 @@ def main(argv=None) -> None:
 
     driver = SqueezeRelease(
         model, train[0][:8], loop.train, loop.evaluate,
-        cycles=args.cycles, target_sparsity=args.sparsity, prune_rate=0.5, tolerance=0.03,
-        recovery_epochs=0.5, finetune_epochs=1.0, max_prune_steps=4, seed=0,
+        schedule=Schedule(
+            cycles=args.cycles, target_sparsity=args.sparsity, prune_rate=0.5, tolerance=0.03,
+            recovery_epochs=0.5, finetune_epochs=1.0, max_prune_steps=4,
+        ),
+        seed=0,
         log=print if rank == 0 else None,
     )
     small = driver.run()

@@ -1,6 +1,7 @@
 """Squeeze-Release: prune, fine-tune, minimize exactly, release, repeat (DESIGN.md section 6).
 
-One cycle:
+The numbers named below (rates, epochs, tolerance, targets) are fields of :class:`Schedule`;
+the release's noise calibration is :class:`ReleaseSettings`. One cycle:
 
 1. **prune** the current model towards the cycle's target sparsity (of the Linear/Conv weights,
    plus ``include``) with an adaptive schedule: each step asks the ``pruner`` for masks at
@@ -19,8 +20,8 @@ One cycle:
    more inputs could never go; undoing it first lets every cycle drop pixels;
 4. record the cycle (:class:`CycleRecord`: params, stored, nonzeros, MACs, widths, accuracy,
    seconds) in ``history``;
-5. **release** (unless it is the last cycle; ``release=False`` is the ablation that keeps the
-   zeros pruned and trains the compacted model under its masks): the exact zeros left in the
+5. **release** (unless it is the last cycle; ``ReleaseSettings(enabled=False)`` is the ablation
+   that keeps the zeros pruned and trains the compacted model under its masks): the exact zeros left in the
    compacted weights become calibrated noise (:func:`srfx.passes.release`), all weights trainable again. The parameter
    shapes changed, so the optimizer state must follow: with ``optimizer_state="slice"`` and the
    built-in :class:`SupervisedLoop` the state (momentum, Adam's moments and step) is sliced with
@@ -70,7 +71,7 @@ from .pruners import Pruner, kept_indices, magnitude_pruner, ungather, unit_prun
 from .report import count_macs, count_nonzero, count_parameters, count_stored
 from .supervised import SupervisedLoop, TensorBatches, _Progress
 
-__all__ = ["SqueezeRelease", "SupervisedLoop", "CycleRecord", "TensorBatches", "sparsity_of", "kept_indices", "unit_pruner", "magnitude_pruner", "ungather"]
+__all__ = ["SqueezeRelease", "Schedule", "ReleaseSettings", "SupervisedLoop", "CycleRecord", "TensorBatches", "sparsity_of", "kept_indices", "unit_pruner", "magnitude_pruner", "ungather"]
 
 def sparsity_of(model: nn.Module, include: Iterable[str] = ()) -> float:
     """Fraction of exact zeros among the prunable weights (Linear/Conv weights + ``include``)."""
@@ -114,12 +115,79 @@ class CycleRecord:
 _STAGES = ("start", "pruned", "finetuned", "minimized", "released")  # what a checkpoint's "stage" can say
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How far and how carefully the cycles prune (see the module docstring).
+
+    ``target_sparsity`` and ``finetune_epochs`` take one value or one per cycle. ``tolerance``
+    is the accuracy a pruning step may cost against ``reference_accuracy`` (default: the
+    model's own accuracy before the first cycle); a step that costs more is rolled back and
+    ``prune_rate`` (the fraction of the remaining weights one step prunes) halved, down to
+    ``min_rate``. ``target_params`` ends the run once the compressed model stores no more
+    than that (``overshoot``: how far below it a step may land before it is retried smaller)."""
+
+    cycles: int = 3
+    target_sparsity: Union[float, Sequence[float]] = 0.9
+    target_params: Optional[int] = None
+    overshoot: float = 0.95
+    prune_rate: float = 0.5
+    min_rate: float = 1 / 32
+    max_prune_steps: int = 30
+    tolerance: float = 0.01
+    reference_accuracy: Optional[float] = None
+    recovery_epochs: float = 1.0
+    finetune_epochs: Union[float, Sequence[float]] = 2.0
+    release_epochs: float = 0.0
+
+    def __post_init__(self):
+        if self.cycles < 1:
+            raise ValueError(f"cycles must be >= 1, got {self.cycles}")
+        if len(self.targets) != self.cycles or not all(0.0 <= t < 1.0 for t in self.targets):
+            raise ValueError(f"target_sparsity must be in [0, 1) (one value, or one per cycle), got {self.target_sparsity}")
+        if len(self.finetune) != self.cycles:
+            raise ValueError(f"finetune_epochs: one value or one per cycle, got {self.finetune_epochs}")
+        if not 0.0 < self.prune_rate < 1.0:
+            raise ValueError(f"prune_rate must be in (0, 1), got {self.prune_rate}")
+
+    @property
+    def targets(self) -> list[float]:
+        """The target sparsity of each cycle."""
+        return _per_cycle(self.target_sparsity, self.cycles)
+
+    @property
+    def finetune(self) -> list[float]:
+        """The fine-tuning epochs of each cycle."""
+        return _per_cycle(self.finetune_epochs, self.cycles)
+
+
+def _per_cycle(value, cycles: int) -> list:
+    return [value] * cycles if isinstance(value, (int, float)) else list(value)
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """What :func:`srfx.passes.release` does after each cycle but the last. ``enabled=False``
+    is the ablation that keeps the zeros pruned (the compacted model trains on under its
+    masks). ``scale``/``mode``/``calibration_batch``/``max_output_change``: the noise
+    calibration (see the pass)."""
+
+    enabled: bool = True
+    scale: float = 0.1
+    mode: str = "relative"
+    calibration_batch: Any = None
+    max_output_change: Optional[float] = None
+
+    def kwargs(self) -> dict:
+        return dict(scale=self.scale, mode=self.mode, calibration_batch=self.calibration_batch, max_output_change=self.max_output_change)
+
+
 class SqueezeRelease:
     """Driver of prune -> fine-tune -> minimize -> release cycles; see the module docstring.
 
-    ``run()`` returns the last cycle's compressed GraphModule; ``history`` has one
-    :class:`CycleRecord` per cycle and ``models`` the compressed module of each cycle.
-    ``target_sparsity``, ``finetune_epochs`` take one value or one per cycle.
+    ``schedule`` (:class:`Schedule`) says how far each cycle prunes, ``release``
+    (:class:`ReleaseSettings`) what happens to the zeros after it. ``run()`` returns the last
+    cycle's compressed GraphModule; ``history`` has one :class:`CycleRecord` per cycle and
+    ``models`` the compressed module of each cycle.
     """
 
     def __init__(
@@ -129,42 +197,21 @@ class SqueezeRelease:
         train: Callable[[nn.Module, float, dict], nn.Module],
         evaluate: Callable[[nn.Module], float],
         *,
-        cycles: int = 3,
-        target_sparsity: Union[float, Sequence[float]] = 0.9,
-        target_params: Optional[int] = None,
-        overshoot: float = 0.95,
+        schedule: Schedule = Schedule(),
+        release: ReleaseSettings = ReleaseSettings(),
         pruner: Union[str, Pruner] = "magnitude",
-        prune_rate: float = 0.5,
-        min_rate: float = 1 / 32,
-        tolerance: float = 0.01,
-        reference_accuracy: Optional[float] = None,
-        recovery_epochs: float = 1.0,
-        finetune_epochs: Union[float, Sequence[float]] = 2.0,
-        release_epochs: float = 0.0,
-        release: bool = True,
-        max_prune_steps: int = 30,
-        release_scale: float = 0.1,
-        release_mode: str = "relative",
-        calibration_batch: Any = None,
-        max_output_change: Optional[float] = None,
-        rebuild_optimizer: Optional[Callable[[nn.Module], Any]] = None,
-        optimizer_state: str = "rebuild",
         include: Iterable[str] = (),
+        optimizer_state: str = "rebuild",
+        rebuild_optimizer: Optional[Callable[[nn.Module], Any]] = None,
         checkpoint: Union[str, os.PathLike, None] = None,
         progress: bool = False,
         seed: int = 0,
         log: Optional[Callable[[str], None]] = print,
     ):
-        if cycles < 1:
-            raise ValueError(f"cycles must be >= 1, got {cycles}")
-        targets = [target_sparsity] * cycles if isinstance(target_sparsity, (int, float)) else list(target_sparsity)
-        if len(targets) != cycles or not all(0.0 <= t < 1.0 for t in targets):
-            raise ValueError(f"target_sparsity must be in [0, 1) (one value, or one per cycle), got {target_sparsity}")
-        finetune = [finetune_epochs] * cycles if isinstance(finetune_epochs, (int, float)) else list(finetune_epochs)
-        if len(finetune) != cycles:
-            raise ValueError(f"finetune_epochs: one value or one per cycle, got {finetune_epochs}")
-        if not 0.0 < prune_rate < 1.0:
-            raise ValueError(f"prune_rate must be in (0, 1), got {prune_rate}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a srfx.cycle.Schedule, got {type(schedule).__name__}")
+        if not isinstance(release, ReleaseSettings):
+            raise TypeError(f"release must be a srfx.cycle.ReleaseSettings, got {type(release).__name__}")
         if optimizer_state not in ("rebuild", "slice"):
             raise ValueError(f"optimizer_state must be 'rebuild' or 'slice', got {optimizer_state!r}")
         if isinstance(pruner, str):
@@ -174,15 +221,10 @@ class SqueezeRelease:
         self.model = copy.deepcopy(model)  # the driver trains its own copy
         self.example_input = example_input
         self.train_fn, self.evaluate_fn = train, evaluate
-        self.cycles, self.targets, self.finetune = cycles, targets, finetune
-        self.target_params, self.pruner, self.overshoot = target_params, pruner, overshoot
-        self.prune_rate, self.min_rate, self.tolerance = prune_rate, min_rate, tolerance
-        self.reference_accuracy = reference_accuracy
-        self.recovery_epochs, self.max_prune_steps = recovery_epochs, max_prune_steps
-        self.release_epochs, self.release_enabled = release_epochs, release
-        self.release_kwargs = dict(scale=release_scale, mode=release_mode, calibration_batch=calibration_batch, max_output_change=max_output_change)
+        self.schedule, self.release_settings = schedule, release
+        self.pruner, self.include = pruner, tuple(include)
+        self.reference_accuracy = schedule.reference_accuracy
         self.rebuild_optimizer, self.optimizer_state = rebuild_optimizer, optimizer_state
-        self.include = tuple(include)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.progress, self.seed = progress, seed
         self.log = log or (lambda s: None)
@@ -192,10 +234,11 @@ class SqueezeRelease:
         self.release_reports: list = []
 
     @classmethod
-    def supervised(cls, model: nn.Module, example_input: Any, train_loader: Iterable, val_loader: Iterable, *, lr: float = 1e-3, optimizer=torch.optim.Adam, loss: Callable = torch.nn.functional.cross_entropy, teacher: Optional[nn.Module] = None, distill: float = 0.5, temperature: float = 4.0, schedule: str = "constant", **kwargs) -> "SqueezeRelease":
+    def supervised(cls, model: nn.Module, example_input: Any, train_loader: Iterable, val_loader: Iterable, *, lr: float = 1e-3, optimizer=torch.optim.Adam, loss: Callable = torch.nn.functional.cross_entropy, teacher: Optional[nn.Module] = None, distill: float = 0.5, temperature: float = 4.0, lr_schedule: str = "constant", **kwargs) -> "SqueezeRelease":
         """The standard loop (:class:`SupervisedLoop`): Adam (or ``optimizer``) on cross-entropy
-        (or ``loss(output, target)``), optionally distilled from ``teacher``; validation accuracy."""
-        loop = SupervisedLoop(train_loader, val_loader, lr=lr, optimizer=optimizer, loss=loss, teacher=teacher, distill=distill, temperature=temperature, schedule=schedule, progress=kwargs.get("progress", False))
+        (or ``loss(output, target)``), optionally distilled from ``teacher``; validation
+        accuracy. ``kwargs`` go to the constructor (``schedule``, ``release``, ``pruner``, ...)."""
+        loop = SupervisedLoop(train_loader, val_loader, lr=lr, optimizer=optimizer, loss=loss, teacher=teacher, distill=distill, temperature=temperature, lr_schedule=lr_schedule, progress=kwargs.get("progress", False))
         driver = cls(model, example_input, loop.train, loop.evaluate, rebuild_optimizer=loop.rebuild_optimizer, **kwargs)
         driver.loop = loop
         return driver
@@ -205,20 +248,21 @@ class SqueezeRelease:
     def _prune(self, model: nn.Module, target: float, masks: dict) -> tuple[nn.Module, dict, int, int]:
         from srfx.passes import apply_masks
 
-        floor = self.reference_accuracy - self.tolerance
-        rate, steps, rollbacks = self.prune_rate, 0, 0
+        sched = self.schedule
+        floor = self.reference_accuracy - sched.tolerance
+        rate, steps, rollbacks = sched.prune_rate, 0, 0
         s = sparsity_of(model, self.include)
-        bar = _Progress(self.max_prune_steps, "prune", self.progress)
-        while s < target - 1e-9 and steps + rollbacks < self.max_prune_steps:
+        bar = _Progress(sched.max_prune_steps, "prune", self.progress)
+        while s < target - 1e-9 and steps + rollbacks < sched.max_prune_steps:
             s_next = min(target, 1.0 - (1.0 - s) * (1.0 - rate))
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
             new_masks = self.pruner(model, s_next, masks)
             apply_masks(model, new_masks)
-            if self.target_params is not None and rate / 2 >= self.min_rate and self._deployable(model) < self.overshoot * self.target_params:
+            if sched.target_params is not None and rate / 2 >= sched.min_rate and self._deployable(model) < sched.overshoot * sched.target_params:
                 model.load_state_dict(snapshot)  # far below target_params: a smaller step lands nearer
                 rate /= 2
                 continue
-            model = self.train_fn(model, self.recovery_epochs, new_masks)
+            model = self.train_fn(model, sched.recovery_epochs, new_masks)
             acc = self.evaluate_fn(model)
             if acc >= floor:
                 masks, steps = new_masks, steps + 1
@@ -227,8 +271,8 @@ class SqueezeRelease:
                 bar.update(1, f"{s:.1%} sparse, acc {acc:.4f}")
                 if s_next >= target:  # measured sparsity can sit a hair below it (integer k)
                     break
-                if self.target_params is not None and self._deployable(model) <= self.target_params:
-                    self.log(f"  deployable size at most target_params={self.target_params}: pruning stops")
+                if sched.target_params is not None and self._deployable(model) <= sched.target_params:
+                    self.log(f"  deployable size at most target_params={sched.target_params}: pruning stops")
                     break
             else:
                 model.load_state_dict(snapshot)
@@ -236,7 +280,7 @@ class SqueezeRelease:
                 bar.update(1, f"rollback, rate {rate / 2:.3g}")
                 self.log(f"  prune step to {s_next:.1%} rolled back: accuracy {acc:.4f} < {floor:.4f}; rate {rate:.3g} -> {rate / 2:.3g}")
                 rate /= 2
-                if rate < self.min_rate:
+                if rate < sched.min_rate:
                     break
         bar.close()
         return model, masks, steps, rollbacks
@@ -248,12 +292,12 @@ class SqueezeRelease:
         return count_stored(srfx.compress(ungather(model.eval(), self.example_input), self.example_input, verify=False))
 
     def _cycle_target(self, c: int, model: nn.Module) -> float:
-        t = self.targets[c]
-        if self.target_params is not None:  # aim at target_params, do not overshoot it by much
+        t = self.schedule.targets[c]
+        if self.schedule.target_params is not None:  # aim at target_params, do not overshoot it by much
             from srfx.passes.mask import prunable_parameters
 
             prunable = sum(p.numel() for p in prunable_parameters(model, self.include).values())
-            over = count_stored(model) - self.target_params
+            over = count_stored(model) - self.schedule.target_params
             t = min(t, sparsity_of(model, self.include) + max(0, over) / max(1, prunable), 0.999)
         return t
 
@@ -283,7 +327,8 @@ class SqueezeRelease:
         return state
 
     def _done(self, small: Optional[fx.GraphModule]) -> bool:
-        return self.target_params is not None and small is not None and count_stored(small) <= self.target_params
+        target = self.schedule.target_params
+        return target is not None and small is not None and count_stored(small) <= target
 
     def run(self) -> fx.GraphModule:
         import srfx
@@ -297,12 +342,13 @@ class SqueezeRelease:
                 self.reference_accuracy = self.evaluate_fn(model)
             masks = {n: p.detach() != 0 for n, p in prunable_parameters(model, self.include).items()}
             st = {"cycle": 0, "stage": "start", "model": model, "masks": masks, "small": None, "info": {}}
-        self.log(f"reference accuracy {self.reference_accuracy:.4f}, tolerance {self.tolerance}")
+        self.log(f"reference accuracy {self.reference_accuracy:.4f}, tolerance {self.schedule.tolerance}")
         c, stage, model, masks, small, info = st["cycle"], st["stage"], st["model"], st["masks"], st["small"], dict(st["info"])
-        bar = _Progress(self.cycles, "cycles", self.progress)
+        cycles = self.schedule.cycles
+        bar = _Progress(cycles, "cycles", self.progress)
         bar.update(c)
-        while c < self.cycles:
-            if stage == "minimized" and (c + 1 == self.cycles or self._done(small)):
+        while c < cycles:
+            if stage == "minimized" and (c + 1 == cycles or self._done(small)):
                 break  # the last cycle is not released
             if stage == "released":
                 c, stage, info = c + 1, "start", {}
@@ -316,14 +362,14 @@ class SqueezeRelease:
             t0 = time.perf_counter()
             if stage == "start":
                 target = self._cycle_target(c, model)
-                self.log(f"cycle {c + 1}/{self.cycles}: target sparsity {target:.1%}")
-                if c > 0 and self.release_epochs > 0:  # the released weights train freely before pruning again
-                    model = self.train_fn(model, self.release_epochs, masks)
+                self.log(f"cycle {c + 1}/{cycles}: target sparsity {target:.1%}")
+                if c > 0 and self.schedule.release_epochs > 0:  # the released weights train freely before pruning again
+                    model = self.train_fn(model, self.schedule.release_epochs, masks)
                 model, masks, info["steps"], info["rollbacks"] = self._prune(model, target, masks)
                 info["seconds"] = {"prune": time.perf_counter() - t0}
                 save("pruned")
             elif stage == "pruned":
-                model = self.train_fn(model, self.finetune[c], masks)
+                model = self.train_fn(model, self.schedule.finetune[c], masks)
                 apply_masks(model, masks)
                 info["sparsity"] = sparsity_of(model, self.include)
                 info["seconds"]["finetune"] = time.perf_counter() - t0
@@ -337,8 +383,8 @@ class SqueezeRelease:
                 self._record(c, small, info, released=0, optimizer="")
                 save("minimized")
             elif stage == "minimized":
-                if self.release_enabled:
-                    new, masks, rep = release(small, seed=self.seed + c, include=self.include, **self.release_kwargs)
+                if self.release_settings.enabled:
+                    new, masks, rep = release(small, seed=self.seed + c, include=self.include, **self.release_settings.kwargs())
                     self.release_reports.append(rep)
                     released = rep.released
                 else:  # ablation: the zeros stay pruned, the compacted model trains on under its masks
@@ -391,7 +437,7 @@ class SqueezeRelease:
     def best(self, tolerance: Optional[float] = None) -> tuple[int, fx.GraphModule]:
         """Index and module of the smallest (stored) cycle whose accuracy is within ``tolerance``
         (default: the driver's) of the reference; the most accurate cycle if none is."""
-        tol = self.tolerance if tolerance is None else tolerance
+        tol = self.schedule.tolerance if tolerance is None else tolerance
         ok = [i for i, r in enumerate(self.history) if r.accuracy >= self.reference_accuracy - tol]
         i = min(ok, key=lambda i: (self.history[i].stored, self.history[i].nnz, -i)) if ok else max(range(len(self.history)), key=lambda i: self.history[i].accuracy)
         return i, self.models[i]

@@ -35,7 +35,7 @@ def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progre
     """``sparsity``: the fraction of the weights the cycles aim to remove in all (each cycle
     prunes ``1 - (1 - sparsity) ** (1 / cycles)`` of what is left)."""
     import srfx
-    from srfx.cycle import SqueezeRelease, SupervisedLoop, TensorBatches, unit_pruner
+    from srfx.cycle import Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, unit_pruner
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -44,7 +44,7 @@ def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progre
         start = time.time()
         train, val, test = _digits()
         dense = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-        SupervisedLoop(TensorBatches(*train, 64, True, seed=1), None, lr=3e-3, schedule="cosine").train(dense, 10 if quick else 40)
+        SupervisedLoop(TensorBatches(*train, 64, True, seed=1), None, lr=3e-3, lr_schedule="cosine").train(dense, 10 if quick else 40)
         tester = SupervisedLoop(None, TensorBatches(*test, 512, False))
         dense_acc = tester.evaluate(dense)
         print(f"dense MLP 64-128-64-10: {srfx.report.count_parameters(dense)} parameters, test accuracy {dense_acc:.3f}")
@@ -57,11 +57,12 @@ def run_demo(sparsity: float = 0.9, quick: bool = False, cycles: int = 4, progre
 
         sr = SqueezeRelease.supervised(
             dense, test[0][:8], TensorBatches(*train, 64, True, seed=1), TensorBatches(*val, 512, False),
-            lr=2e-3, teacher=dense, distill=0.5, schedule="cosine",
-            cycles=cycles, target_sparsity=1 - (1 - sparsity) ** (1 / cycles),
-            pruner=unit_pruner(calib_x, loss=loss), prune_rate=0.3, tolerance=0.02,
-            recovery_epochs=1 if quick else 3, finetune_epochs=2 if quick else 10,
-            optimizer_state="slice", progress=progress, log=None,
+            lr=2e-3, teacher=dense, distill=0.5, lr_schedule="cosine",
+            schedule=Schedule(
+                cycles=cycles, target_sparsity=1 - (1 - sparsity) ** (1 / cycles), prune_rate=0.3, tolerance=0.02,
+                recovery_epochs=1 if quick else 3, finetune_epochs=2 if quick else 10,
+            ),
+            pruner=unit_pruner(calib_x, loss=loss), optimizer_state="slice", progress=progress, log=None,
         )
         small = sr.run()
         print(sr.table())

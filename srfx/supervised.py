@@ -91,7 +91,7 @@ class SupervisedLoop:
     :meth:`adopt` carried its state over.
 
     ``teacher`` (a module, eval mode) adds distillation: ``(1 - distill) * CE + distill * T**2 *
-    KL(softmax(teacher/T) || softmax(student/T))``. ``schedule="cosine"`` anneals the learning
+    KL(softmax(teacher/T) || softmax(student/T))``. ``lr_schedule="cosine"`` anneals the learning
     rate from ``lr`` to 0 within each :meth:`train` call. ``progress=True`` shows a bar per call.
     """
 
@@ -106,16 +106,16 @@ class SupervisedLoop:
         teacher: Optional[nn.Module] = None,
         distill: float = 0.5,
         temperature: float = 4.0,
-        schedule: str = "constant",
+        lr_schedule: str = "constant",
         progress: bool = False,
         **optimizer_kwargs,
     ):
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.train_loader, self.val_loader = train_loader, val_loader
         self.lr, self.make_optimizer, self.loss, self.optimizer_kwargs = lr, optimizer, loss, optimizer_kwargs
         self.teacher = teacher.eval() if teacher is not None else None
-        self.distill, self.temperature, self.schedule, self.progress = distill, temperature, schedule, progress
+        self.distill, self.temperature, self.lr_schedule, self.progress = distill, temperature, lr_schedule, progress
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.rebuilds = 0
         self.steps = 0  # optimizer steps taken over all calls (the training budget spent)
@@ -183,7 +183,7 @@ class SupervisedLoop:
             for x, y in self.train_loader:
                 if steps_left is not None and steps_left <= 0:
                     break
-                if self.schedule == "cosine" and steps:
+                if self.lr_schedule == "cosine" and steps:
                     for g in opt.param_groups:
                         g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * done / steps))
                 opt.zero_grad(set_to_none=True)

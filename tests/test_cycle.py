@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_untouched, snapshot
-from srfx.cycle import CycleRecord, SqueezeRelease, SupervisedLoop, TensorBatches, kept_indices, sparsity_of, ungather, unit_pruner
+from srfx.cycle import CycleRecord, ReleaseSettings, Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, kept_indices, sparsity_of, ungather, unit_pruner
 from srfx.passes import apply_masks
 from srfx.report import count_nonzero, count_stored
 
@@ -41,7 +41,7 @@ def test_supervised_driver(digits, trained):
     before = snapshot(trained)
     sr = SqueezeRelease.supervised(
         trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False),
-        lr=1e-3, cycles=3, target_sparsity=0.7, recovery_epochs=0.5, finetune_epochs=1, tolerance=0.05, log=None,
+        lr=1e-3, schedule=Schedule(cycles=3, target_sparsity=0.7, recovery_epochs=0.5, finetune_epochs=1, tolerance=0.05), log=None,
     )
     final = sr.run()
     assert_untouched(trained, before)  # the driver trains its own copy
@@ -88,9 +88,13 @@ def test_user_callables_and_rollback(digits, trained):
             return (model(vx).argmax(1) == vy).float().mean().item()
 
     sr = SqueezeRelease(
-        trained, x[:4], train, evaluate, cycles=2, target_sparsity=[0.95, 0.5], prune_rate=0.9,
-        tolerance=0.0, reference_accuracy=evaluate(trained) + 0.01,  # unreachable: every step rolls back
-        min_rate=0.2, recovery_epochs=1, finetune_epochs=1, rebuild_optimizer=lambda m: calls.__setitem__("rebuild", calls["rebuild"] + 1), log=None,
+        trained, x[:4], train, evaluate,
+        schedule=Schedule(
+            cycles=2, target_sparsity=[0.95, 0.5], prune_rate=0.9, tolerance=0.0,
+            reference_accuracy=evaluate(trained) + 0.01,  # unreachable: every step rolls back
+            min_rate=0.2, recovery_epochs=1, finetune_epochs=1,
+        ),
+        rebuild_optimizer=lambda m: calls.__setitem__("rebuild", calls["rebuild"] + 1), log=None,
     )
     final = sr.run()
     assert len(sr.history) == 2
@@ -104,11 +108,18 @@ def test_user_callables_and_rollback(digits, trained):
 def test_bad_arguments(trained):
     f = lambda *a: None  # noqa: E731
     with pytest.raises(ValueError):
-        SqueezeRelease(trained, torch.randn(1, 64), f, f, cycles=0)
+        Schedule(cycles=0)
     with pytest.raises(ValueError):
-        SqueezeRelease(trained, torch.randn(1, 64), f, f, target_sparsity=1.0)
+        Schedule(target_sparsity=1.0)
     with pytest.raises(ValueError):
-        SqueezeRelease(trained, torch.randn(1, 64), f, f, cycles=2, target_sparsity=[0.5])
+        Schedule(cycles=2, target_sparsity=[0.5])
+    with pytest.raises(ValueError):
+        Schedule(prune_rate=1.0)
+    with pytest.raises(TypeError, match="Schedule"):  # the old flat keyword arguments are gone
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, schedule={"cycles": 2})
+    with pytest.raises(TypeError, match="ReleaseSettings"):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, release=False)
+    assert Schedule(cycles=2, target_sparsity=[0.5, 0.7], finetune_epochs=3).finetune == [3, 3]
 
 
 def test_sparsity_of():
@@ -142,11 +153,11 @@ def _without_times(history):
     return [{k: v for k, v in r.as_dict().items() if k not in ("seconds", "stage_seconds")} for r in history]
 
 
-def _driver(digits, trained, **kw):
+def _driver(digits, trained, schedule=None, **kw):
     (x, y), (vx, vy) = digits
+    schedule = schedule or Schedule(cycles=3, target_sparsity=0.6, recovery_epochs=0.3, finetune_epochs=0.5, tolerance=0.1)
     return SqueezeRelease.supervised(
-        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False),
-        lr=1e-3, cycles=3, target_sparsity=0.6, recovery_epochs=0.3, finetune_epochs=0.5, tolerance=0.1, log=None, **kw,
+        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False), lr=1e-3, schedule=schedule, log=None, **kw,
     )
 
 
@@ -252,10 +263,8 @@ def test_unit_pruner_release_off_and_target_params(digits, trained, capsys):
     compressed model is small enough; progress writes a status line, log=None nothing else."""
     torch.set_num_threads(1)
     (x, y), (vx, vy) = digits
-    sr = _driver(digits, trained, pruner=unit_pruner(x[:256]), release=False, target_params=1500, progress=True)
-    sr.cycles, sr.tolerance = 6, 0.5
-    sr.targets = [0.5] * 6
-    sr.finetune = [0.3] * 6
+    schedule = Schedule(cycles=6, target_sparsity=0.5, recovery_epochs=0.3, finetune_epochs=0.3, tolerance=0.5, target_params=1500)
+    sr = _driver(digits, trained, schedule, pruner=unit_pruner(x[:256]), release=ReleaseSettings(enabled=False), progress=True)
     final = sr.run()
     assert all(r.released == 0 for r in sr.history)
     assert sr.history[-1].stored <= 1500 or len(sr.history) == 6
@@ -276,9 +285,9 @@ def test_bad_new_arguments(trained):
     with pytest.raises(ValueError):
         SqueezeRelease(trained, torch.randn(1, 64), f, f, pruner="random")
     with pytest.raises(ValueError):
-        SqueezeRelease(trained, torch.randn(1, 64), f, f, cycles=2, finetune_epochs=[1.0])
+        Schedule(cycles=2, finetune_epochs=[1.0])
     with pytest.raises(ValueError):
-        SupervisedLoop([], [], schedule="step")
+        SupervisedLoop([], [], lr_schedule="step")
 
 
 def test_progress_line_without_tqdm(monkeypatch, capsys):
