@@ -63,10 +63,7 @@ def _fold_constants(gm: fx.GraphModule, plan: Plan) -> None:
 
 def _slice_parameters(gm: fx.GraphModule, plan: Plan) -> set[str]:
     coupling = plan.coupling
-    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    for d in coupling.dims:
-        if isinstance(d.ref.value, ParamKey) and plan.shrinks(d.id):
-            cuts[d.ref.value.qualname][d.ref.axes[0]] = plan.keep(d.id)
+    cuts = plan.parameter_cuts()
     aliases = defaultdict(list)
     for name, canon in coupling.aliases.items():
         aliases[canon].append(name)

@@ -55,6 +55,23 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
         )
 
 
+def _kept_indices(before: fx.GraphModule, after: fx.GraphModule, removal: Plan) -> dict:
+    """The plan's kept indices for the parameters of ``after`` that really are those slices of
+    ``before``'s (compensate_ln widens some readers: those are new tensors, left out)."""
+    params_before = dict(before.named_parameters(remove_duplicate=False))
+    params_after = dict(after.named_parameters(remove_duplicate=False))
+    kept = {}
+    for name, axes in removal.kept_indices().items():
+        if name not in params_before or name not in params_after:
+            continue
+        shape = list(params_before[name].shape)
+        for axis, keep in axes.items():
+            shape[axis] = len(keep)
+        if shape == list(params_after[name].shape):
+            kept[name] = {axis: torch.as_tensor(keep, dtype=torch.long) for axis, keep in axes.items()}
+    return kept
+
+
 def analyze(model: nn.Module, example_input: Any) -> Coupling:
     """Trace ``model`` (a copy) and return its channel-coupling groups."""
     return coupling_groups(trace(model, example_input).graph_module)
@@ -81,7 +98,8 @@ def compress(
     global magnitude masking. The result is verified against the model on the example and
     ``random_inputs`` fresh inputs (``verify=False`` skips that). ``fold_batchnorm`` folds
     eval-mode BatchNorm into the conv before it. ``model`` is never modified.
-    The report is at ``result.meta["srfx_report"]``.
+    The report is at ``result.meta["srfx_report"]``; its ``kept`` says which entries of each
+    parameter survived (parameter name -> axis -> indices), to slice optimizer state with.
     """
 
     if not isinstance(model, nn.Module):
@@ -126,6 +144,7 @@ def compress(
         warnings=tuple(notes),
         heads=removal.attention_heads(),
         compensated_norms=len(removal.compensations),
+        kept=_kept_indices(graph, result, removal),
     )
     for note in notes:
         warnings.warn(note, stacklevel=2)

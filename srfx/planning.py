@@ -72,6 +72,30 @@ class Plan:
     def shrinks(self, dim_id: int) -> bool:
         return len(self.keep(dim_id)) < self.coupling.dims[dim_id].size
 
+    def parameter_cuts(self) -> dict[str, dict[int, np.ndarray]]:
+        """Canonical parameter name (one per tied tensor) -> axis -> indices kept along it,
+        for the axes whose channels shrink: what minimize slices."""
+        cuts: dict[str, dict[int, np.ndarray]] = {}
+        for d in self.coupling.dims:
+            if isinstance(d.ref.value, ParamKey) and self.shrinks(d.id):
+                cuts.setdefault(d.ref.value.qualname, {})[d.ref.axes[0]] = self.keep(d.id)
+        return cuts
+
+    def kept_indices(self) -> dict[str, dict[int, np.ndarray]]:
+        """Every parameter name (tied names too) -> axis -> indices of the entries the
+        minimized model keeps: the channel cuts plus the input columns a gather drops. What
+        optimizer state (momentum, Adam's moments) needs to follow a minimize."""
+        aliases: dict[str, list[str]] = {}
+        for name, canon in self.coupling.aliases.items():
+            aliases.setdefault(canon, []).append(name)
+        out: dict[str, dict[int, np.ndarray]] = {}
+        for canon, axes in self.parameter_cuts().items():
+            for name in aliases.get(canon, [canon]):
+                out[name] = dict(axes)
+        for g in self.gathers:
+            out.setdefault(g.role.weight, {})[g.role.in_axis] = g.keep
+        return out
+
     def attention_heads(self) -> tuple[tuple[str, int, int], ...]:
         """(attention node, heads before, heads after) for every scaled_dot_product_attention."""
         out = []

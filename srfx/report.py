@@ -2,7 +2,7 @@
 counted once per tensor) and multiply-accumulates of its linear layers on the example input."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,6 +80,9 @@ class Report:
     warnings: tuple[str, ...] = ()
     heads: tuple[tuple[str, int, int], ...] = ()  # (attention node, heads before, after)
     compensated_norms: int = 0
+    # parameter name -> axis -> indices (LongTensor) of the model's entries it keeps, for every
+    # parameter of the result that is a slice of the model's own: optimizer state can follow
+    kept: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def heads_removed(self) -> int:

@@ -1,0 +1,65 @@
+"""compress's report says which entries of each parameter survived (report.kept), so a training
+loop can slice its optimizer state; parameters that are not slices of the model's own are left
+out rather than described wrongly."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import srfx
+
+
+def _sliced(t: torch.Tensor, axes: dict) -> torch.Tensor:
+    for axis, keep in axes.items():
+        t = t.index_select(axis, keep)
+    return t
+
+
+def test_kept_names_the_surviving_rows_columns_and_gathered_inputs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[:, [1, 4]] = 0  # inputs nobody reads: a gather drops them
+        m[0].weight[2] = 0  # a hidden unit whose relu(bias) is folded into layer 2's bias
+        m[2].weight[:, 5] = 0  # a hidden unit nobody reads
+    small = srfx.compress(m, torch.randn(4, 10))
+    kept = small.meta[srfx.REPORT_KEY].kept
+    assert kept["0.weight"][1].tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
+    assert kept["0.weight"][0].tolist() == [0, 1, 3, 4, 6, 7] and kept["0.bias"][0].tolist() == [0, 1, 3, 4, 6, 7]
+    assert kept["2.weight"][1].tolist() == [0, 1, 3, 4, 6, 7]
+    assert "4.weight" not in kept  # nothing of the last layer went
+    before = dict(m.named_parameters())
+    for name, p in small.named_parameters():
+        if name in kept and name.endswith("weight"):  # weights are pure slices
+            assert torch.equal(_sliced(before[name].detach(), kept[name]), p.detach()), name
+
+
+class _Stream(nn.Module):
+    """embed -> LayerNorm -> head: dead embed channels leave through compensate_ln, which gives
+    the head extra columns (a new tensor, not a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.embed(x)))
+
+
+def test_kept_leaves_out_what_compensation_rebuilt():
+    torch.manual_seed(0)
+    m = _Stream().eval()
+    with torch.no_grad():
+        m.embed.weight[[2, 5]] = 0
+        m.embed.bias[[2, 5]] = 0
+    small = srfx.compress(m, torch.randn(4, 6))
+    report = small.meta[srfx.REPORT_KEY]
+    assert report.compensated_norms == 1
+    before, after = dict(m.named_parameters()), dict(small.named_parameters())
+    for name, axes in report.kept.items():  # every listed entry describes the result's shape
+        assert _sliced(before[name].detach(), axes).shape == after[name].shape, name
+    stream = [0, 1, 3, 4, 6, 7]
+    for name in ("embed.weight", "embed.bias", "norm.weight", "norm.bias"):
+        assert report.kept[name][0].tolist() == stream, name
+    # the head reads the 6 kept channels plus a column the compensated norm emits: rebuilt
+    assert after["head.weight"].shape == (3, 7) and "head.weight" not in report.kept
