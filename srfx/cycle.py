@@ -375,8 +375,9 @@ class SqueezeRelease:
                 info["seconds"]["finetune"] = time.perf_counter() - t0
                 save("finetuned")
             elif stage == "finetuned":
-                info["cuts"] = kept_indices(model.eval(), self.example_input) if self.optimizer_state == "slice" and self.loop is not None else None
                 small = srfx.compress(ungather(model.eval(), self.example_input), self.example_input)
+                if self.optimizer_state == "slice" and self.loop is not None:  # where the optimizer state goes
+                    info["cuts"] = kept_indices(model, self.example_input, small.meta[srfx.REPORT_KEY].kept)
                 info["accuracy"] = self.evaluate_fn(small)
                 info["seconds"]["minimize"] = time.perf_counter() - t0
                 self.models.append(small)

@@ -166,26 +166,18 @@ def _gathers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def kept_indices(model: nn.Module, example_input: Any) -> dict[str, dict[int, torch.Tensor]]:
+def kept_indices(model: nn.Module, example_input: Any, kept: Optional[dict] = None) -> dict[str, dict[int, torch.Tensor]]:
     """Per parameter of ``model``, the indices along each axis that :func:`srfx.compress` of
-    ``ungather(model)`` keeps (axes that do not shrink are left out). Computed from
-    :func:`srfx.plan`; used to slice optimizer state. Assumes no BatchNorm folding changes the
-    parameters (callers check shapes)."""
-    import srfx
-    from .facts import ParamKey
+    ``ungather(model)`` keeps (axes that do not shrink are left out); used to slice optimizer
+    state. ``kept``: that compress's ``report.kept``, when it already ran (else the plan is
+    computed here, without BatchNorm folding). Indices into a gathered model's first layer
+    are mapped back to its own columns."""
+    if kept is None:
+        import srfx
 
-    flat = ungather(model, example_input)
-    plan = srfx.plan(flat, example_input)
-    cuts: dict[str, dict[int, torch.Tensor]] = {}
-    aliases = {}
-    for name, canon in plan.coupling.aliases.items():
-        aliases.setdefault(canon, []).append(name)
-    for d in plan.coupling.dims:
-        if isinstance(d.ref.value, ParamKey) and plan.shrinks(d.id):
-            for name in aliases.get(d.ref.value.qualname, [d.ref.value.qualname]):
-                cuts.setdefault(name, {})[d.ref.axes[0]] = torch.as_tensor(plan.keep(d.id), dtype=torch.long)
-    for g in plan.gathers:
-        cuts.setdefault(g.role.weight, {})[g.role.in_axis] = torch.as_tensor(g.keep, dtype=torch.long)
+        flat = ungather(model, example_input)
+        kept = srfx.plan(flat, example_input).kept_indices()
+    cuts = {name: {axis: torch.as_tensor(keep, dtype=torch.long) for axis, keep in axes.items()} for name, axes in kept.items()}
     for name, old in _gathers(model).items():  # back to the gathered model's own columns
         axis = 1
         if name in cuts and axis in cuts[name]:

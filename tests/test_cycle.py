@@ -211,8 +211,10 @@ def test_sliced_optimizer_state_follows_the_kept_indices():
     import srfx
 
     for _ in range(2):  # the second round goes through the input gather of a compressed model
-        cuts = kept_indices(m.eval(), x[:4])
         small = srfx.compress(ungather(m.eval(), x[:4]), x[:4])
+        cuts = kept_indices(m.eval(), x[:4], small.meta[srfx.REPORT_KEY].kept)
+        planned = kept_indices(m.eval(), x[:4])  # without the report: a plan of its own agrees
+        assert {n: {a: k.tolist() for a, k in axes.items()} for n, axes in cuts.items()} == {n: {a: k.tolist() for a, k in axes.items()} for n, axes in planned.items()}
         old = {n: {k: v.clone() for k, v in loop.optimizer.state[p].items()} for n, p in m.named_parameters()}
         olds = dict(m.named_parameters())
         done, total = loop.adopt(small, m, cuts)
