@@ -69,9 +69,9 @@ from tabulate import tabulate
 
 from .pruners import Pruner, kept_indices, magnitude_pruner, ungather, unit_pruner
 from .report import count_macs, count_nonzero, count_parameters, count_stored
-from .supervised import SupervisedLoop, TensorBatches, _Progress
+from .supervised import SupervisedLoop, TensorBatches, _Progress, carry_optimizer_state
 
-__all__ = ["SqueezeRelease", "Schedule", "ReleaseSettings", "SupervisedLoop", "CycleRecord", "TensorBatches", "sparsity_of", "kept_indices", "unit_pruner", "magnitude_pruner", "ungather"]
+__all__ = ["SqueezeRelease", "Schedule", "ReleaseSettings", "SupervisedLoop", "CycleRecord", "TensorBatches", "sparsity_of", "kept_indices", "carry_optimizer_state", "unit_pruner", "magnitude_pruner", "ungather"]
 
 def sparsity_of(model: nn.Module, include: Iterable[str] = ()) -> float:
     """Fraction of exact zeros among the prunable weights (Linear/Conv weights + ``include``)."""

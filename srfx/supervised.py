@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SupervisedLoop", "TensorBatches"]
+__all__ = ["SupervisedLoop", "TensorBatches", "carry_optimizer_state"]
 
 
 class TensorBatches:
@@ -50,6 +50,30 @@ def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[
         out[k] = v.clone() if isinstance(v, torch.Tensor) else v
     return out
 
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, kept: dict) -> int:
+    """Give ``new`` (an optimizer over ``new_model``'s parameters) the per-parameter state of
+    ``old`` (over ``old_model``'s): momentum, Adam's moments and step, sliced with ``kept``
+    (parameter name -> axis -> kept indices: a compress report's ``kept``, or
+    :func:`srfx.cycle.kept_indices`), carried whole where name and shape match, left fresh
+    where neither fits (a tensor compensation rebuilt). Returns how many parameters got state.
+
+        >>> small = srfx.compress(model, x)                                   # doctest: +SKIP
+        >>> new = torch.optim.Adam(small.parameters(), lr=1e-3)              # doctest: +SKIP
+        >>> carry_optimizer_state(opt, new, model, small, small.meta["srfx_report"].kept)  # doctest: +SKIP
+    """
+    carried = 0
+    old_params = dict(old_model.named_parameters())
+    for name, p in new_model.named_parameters():
+        q = old_params.get(name)
+        if q is None or q not in old.state:
+            continue
+        sliced = _slice_state(old.state[q], kept.get(name, {}), p.shape)
+        if sliced is not None:
+            new.state[p] = sliced
+            carried += 1
+    return carried
 
 
 class _Progress:
@@ -136,23 +160,10 @@ class SupervisedLoop:
         ``cuts`` (parameter name -> axis -> kept indices; see :func:`kept_indices`); parameters
         of the same name and shape carry their state over whole. Returns (tensors sliced or
         carried, tensors of ``new``)."""
-        old_state = {}
-        if self.optimizer is not None:
-            for name, p in old.named_parameters():
-                if p in self.optimizer.state:
-                    old_state[name] = self.optimizer.state[p]
+        previous = self.optimizer
         self.rebuild_optimizer(new)
-        done = 0
-        params = dict(new.named_parameters())
-        for name, p in params.items():
-            st = old_state.get(name)
-            if st is None:
-                continue
-            sliced = _slice_state(st, cuts.get(name, {}), p.shape)
-            if sliced is not None:
-                self.optimizer.state[p] = sliced
-                done += 1
-        return done, len(params)
+        done = carry_optimizer_state(previous, self.optimizer, old, new, cuts) if previous is not None else 0
+        return done, len(list(new.parameters()))
 
     def _loss(self, out, x, y):
         loss = self.loss(out, y)

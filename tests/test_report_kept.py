@@ -63,3 +63,32 @@ def test_kept_leaves_out_what_compensation_rebuilt():
         assert report.kept[name][0].tolist() == stream, name
     # the head reads the 6 kept channels plus a column the compensated norm emits: rebuilt
     assert after["head.weight"].shape == (3, 7) and "head.weight" not in report.kept
+
+
+def test_a_users_optimizer_follows_the_compress():
+    """carry_optimizer_state with the report's kept: the momentum of every surviving entry is
+    the old momentum of that entry; the compressed model then trains on with it."""
+    from srfx.cycle import carry_optimizer_state
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        m[0].weight[:, [1, 4]] = 0
+        m[2].weight[:, 5] = 0
+    small = srfx.compress(m.eval(), x[:4])
+    kept = small.meta[srfx.REPORT_KEY].kept
+    new = torch.optim.SGD(small.parameters(), lr=0.1, momentum=0.9)
+    assert carry_optimizer_state(opt, new, m, small, kept) == len(list(small.parameters()))
+    before = dict(m.named_parameters())
+    for name, p in small.named_parameters():
+        expect = _sliced(opt.state[before[name]]["momentum_buffer"], kept.get(name, {}))
+        assert torch.equal(new.state[p]["momentum_buffer"], expect), name
+    new.zero_grad()
+    nn.functional.cross_entropy(small(x), y).backward()
+    new.step()  # shapes agree: the carried state trains
