@@ -2,7 +2,8 @@
 
     python bench/plot_squeeze_release.py [--prefix squeeze_release_mnist] [--out squeeze_release_mnist.png]
 
-Reads ``bench/results/<prefix>_*.json`` (written by ``bench/squeeze_release_mnist.py``): one
+Reads ``bench/results/<prefix>_*.json`` written by ``bench/squeeze_release_mnist.py --out
+<prefix>`` (other runs whose prefix starts the same are left out): one
 marker per method at its headline model, plus each cycle method's fine-tuned curve (its
 ``curve`` entries, test accuracy), and a line at the dense accuracy minus 0.5 points.
 Needs matplotlib (the ``dev`` extra).
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{args.prefix}_*.json"))]
+    # the glob also matches longer prefixes (squeeze_release_mnist_shift1_*): keep this run's own
+    runs = [r for r in runs if r.get("config", {}).get("out", args.prefix) == args.prefix]
     if not runs:
         raise SystemExit(f"no {args.prefix}_*.json in {RESULTS}")
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -39,3 +39,21 @@ def test_export_pt2_dynamic_batch_matches(tmp_path):
             got = loaded(images)
         assert got.shape == (n, 10)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_random_shift_moves_whole_images_by_at_most_the_given_pixels():
+    bench = _bench()
+    fill = -1.0
+    x = torch.full((64, 28 * 28), fill)
+    x[:, 14 * 28 + 14] = 5.0  # one bright pixel in the middle of every image
+    out = bench.random_shift(2, fill=fill)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    rows, cols = (out.view(64, 28, 28) == 5.0).nonzero()[:, 1:].T
+    assert len(rows) == 64  # the pixel survives once in every image, nothing else changes
+    assert ((rows - 14).abs() <= 2).all() and ((cols - 14).abs() <= 2).all()
+    assert len({(int(r), int(c)) for r, c in zip(rows, cols)}) > 10  # offsets really vary
+    assert ((out == fill) | (out == 5.0)).all()
+    edge = torch.zeros(1, 28, 28)
+    edge[0, 0, :] = 5.0  # a top row shifted down leaves the fill behind
+    moved = bench.random_shift(1, fill=fill)(edge.view(1, -1).repeat(32, 1), torch.Generator().manual_seed(1)).view(32, 28, 28)
+    assert (moved == fill).any()
