@@ -27,6 +27,10 @@ Methods (``--methods``):
   ``sr-norelease`` (the unit cycle without release) is available but equals ``sr``: whole-unit
   pruning leaves no zeros inside the compacted weights, so there is nothing to release.
 
+``--augment N`` trains every method, the dense baseline and teacher included, on images shifted
+by up to N pixels (the teacher labels each shifted image itself); the README's second MNIST
+table is ``--augment 1 --out squeeze_release_mnist_shift1``.
+
 Each method writes ``bench/results/<out>_<method>.json`` (dataset, model, method, dense_params,
 params = stored parameters of the deployable compressed model, nnz, ratio = dense_params /
 params, nnz_ratio, dense_accuracy, accuracy = test, seconds, widths, inputs_kept, config, and
