@@ -152,14 +152,9 @@ class _Graph:
     @classmethod
     def of(cls, coupling: Coupling) -> "_Graph":
         gm = coupling.graph_module
-        calls: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                calls[n.target] = calls.get(n.target, 0) + 1
         params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
         readers = {r.node: r for r in coupling.roles if r.kind == "reader"}
-        tied = frozenset(n for pair in coupling.aliases.items() if pair[0] != pair[1] for n in pair)
-        return cls(coupling, params, dict(gm.named_modules()), readers, calls, tied)
+        return cls(coupling, params, dict(gm.named_modules()), readers, coupling.module_calls(), coupling.tied_names())
 
 
 def _absorbing_readers(graph: _Graph, norm: fx.Node, out_atoms: np.ndarray):

@@ -81,6 +81,19 @@ class Coupling:
             ref = Ref(ParamKey(self.aliases.get(ref.value.qualname, ref.value.qualname)), ref.axes)
         return self.dims[self.index[ref]]
 
+    def tied_names(self) -> frozenset[str]:
+        """Every parameter name that shares its tensor with another name (both sides of a tie):
+        slicing one of them alone would change the others' users."""
+        return frozenset(n for pair in self.aliases.items() if pair[0] != pair[1] for n in pair)
+
+    def module_calls(self) -> dict[str, int]:
+        """Module qualname -> its call sites in the graph (a module called twice is shared)."""
+        calls: dict[str, int] = {}
+        for node in self.graph_module.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        return calls
+
     def dims_of_value(self, key: ValueKey) -> list[Dim]:
         return [self.dims[i] for i in self.by_value.get(key, ())]
 

@@ -320,11 +320,7 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
 
 
 def _gathers(coupling: Coupling, readers: list[_Reader], kept: np.ndarray):
-    calls: dict[str, int] = {}
-    for node in coupling.graph_module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    tied = {c for n, c in coupling.aliases.items() if n != c}
+    calls, tied = coupling.module_calls(), coupling.tied_names()
     inputs = {n.name for n in coupling.graph_module.graph.nodes if n.op == "placeholder"}
     for r in readers:
         group = coupling.group_of(r.role.ref)

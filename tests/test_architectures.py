@@ -2,6 +2,7 @@
 and the user's model untouched."""
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 import srfx
@@ -79,3 +80,27 @@ def test_tied_weights_stay_tied():
         model.fc3.weight[:, 4] = 0  # unit 4 of fc2 unread; fc1 shares the weight
     small = srfx.compress(model, torch.randn(3, 10))
     assert small.fc1.weight is small.fc2.weight
+
+
+def test_tied_readers_of_model_inputs_get_no_gather():
+    """Two Linears share one weight and read two model inputs; a column zero in the shared
+    weight is unread by both, but gathering it for one reader would slice the other's tensor
+    (tied names count on both sides of the tie): both keep the full width, and stay tied."""
+
+    class TiedInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    model = TiedInputs().eval()
+    with torch.no_grad():
+        model.a.weight[:, 2] = 0
+    x, z = torch.randn(3, 6), torch.randn(3, 6)
+    small = srfx.compress(model, (x, z))
+    assert small.a.weight is small.b.weight and small.a.weight.shape == (4, 6)
+    assert not any("gather" in n for n, _ in small.named_buffers())
+    torch.testing.assert_close(small(x, z), model(x, z))
