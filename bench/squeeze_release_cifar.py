@@ -1,7 +1,10 @@
 """A timm ConvNeXt on CIFAR-10: dense baseline, then Squeeze-Release with group pruning.
 
     python bench/squeeze_release_cifar.py [--data ../shared/datasets/cifar10] [--model convnext_atto]
-        [--dense-epochs 4] [--cycles 3] [--sparsity 0.5 0.7 0.8] [--finetune 1] [--train-subset N]
+        [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycles 3] [--sparsity 0.5 0.7 0.8]
+        [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--prune-rate 0.5] [--min-rate 0.03125]
+        [--max-prune-steps 30] [--optimizer-state rebuild] [--train-subset N] [--batch 128]
+        [--lr 2e-3] [--threads 2] [--out squeeze_release_cifar]
 
 A laptop-CPU budget by default (convnext_atto, a few epochs): the dense baseline is far from a
 converged CIFAR model, so read the ratio at accuracy *relative to that baseline*. The cycle
@@ -10,10 +13,36 @@ analysis, LayerNorm streams included), fine-tunes with the masks fixed, compress
 releases, and repeats; model selection on a 5,000-image validation split of the training set,
 test accuracy once at the end.
 
-Writes ``bench/results/<out>.json`` (dataset, model, method, dense_params, params, nnz, ratio,
-nnz_ratio, dense_accuracy, accuracy, seconds, history) and ``<out>.pt2``: the compressed model
-behind the normalization, exported with torch.export, taking N x 3 x 32 x 32 float32 images in
-[0, 1] (any N) and returning logits.
+Options:
+
+* ``--dense-epochs``: dense training (AdamW, weight decay 0.05, one-cycle learning rate peaking
+  at ``--lr``, label smoothing 0.1, random crops and flips). ``--dense-cache PATH``: if PATH
+  exists, load the trained dense model from it instead of training (the file records model,
+  dense epochs, seed, lr, batch and train subset; a file written for other values is refused
+  with a message naming them); otherwise train and save it there. The cache also holds the
+  torch RNG state and the training loader's epoch counter after dense training, so a run from
+  the cache continues exactly like one that trained.
+* ``--seed``: torch's seed (weight initialization) and the training data order; the
+  validation split is always the same (seed 0).
+* ``--cycles``, ``--sparsity`` (one value or one per cycle: the fraction of the cycle's
+  starting model's Linear/Conv weights to prune), ``--finetune`` (fine-tuning epochs, one value
+  or one per cycle), ``--recovery`` (training epochs after each pruning step), ``--tolerance``
+  (a pruning step is rolled back when validation accuracy falls more than this below the dense
+  validation accuracy; also the selection tolerance: the smallest cycle within it is reported),
+  ``--prune-rate`` (each step prunes this fraction of the remaining weights; halved on every
+  rollback), ``--min-rate`` (a cycle stops pruning once the rate falls below it),
+  ``--max-prune-steps`` (accepted steps plus rollbacks per cycle), ``--optimizer-state``
+  (``rebuild``: a fresh optimizer after each release; ``slice``: AdamW's state sliced to the
+  kept channels): passed to :meth:`srfx.cycle.SqueezeRelease.supervised`, which trains with
+  AdamW at ``--lr`` / 4 and a cosine learning rate per call.
+* ``--train-subset N``: the first N training images only (0: all 45,000); ``--batch``,
+  ``--threads`` (torch threads), ``--out`` (result name).
+
+Writes ``bench/results/<out>.json`` (dataset, model, method, dense_params, params, stored, nnz,
+ratio = dense_params / stored, nnz_ratio, dense_accuracy and accuracy (test), dense_val_accuracy,
+selected_cycle (0-based index into history), seconds, config, history) and ``<out>.pt2``: the
+compressed model behind the normalization, exported with torch.export, taking N x 3 x 32 x 32
+float32 images in [0, 1] (any N) and returning logits.
 """
 from __future__ import annotations
 
@@ -32,7 +61,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from srfx.cycle import SqueezeRelease  # noqa: E402
+from srfx.cycle import Schedule, SqueezeRelease  # noqa: E402
 from srfx.group_pruning import group_pruner  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
 
@@ -141,11 +170,18 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
     ap.add_argument("--model", default="convnext_atto")
     ap.add_argument("--dense-epochs", type=float, default=4)
+    ap.add_argument("--dense-cache", type=Path, default=None, metavar="PATH",
+                    help="load the trained dense model from PATH if it exists (same model/dense epochs/seed/lr/batch/subset), else train and save it there")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed and training data order (the validation split is fixed)")
     ap.add_argument("--cycles", type=int, default=3)
-    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8])
-    ap.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs per cycle")
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="target sparsity: one value or one per cycle")
+    ap.add_argument("--finetune", type=float, nargs="+", default=[1.0], help="fine-tuning epochs: one value or one per cycle")
     ap.add_argument("--recovery", type=float, default=0.25, help="epochs after each pruning step")
     ap.add_argument("--tolerance", type=float, default=0.02, help="accuracy a pruning step may cost (validation)")
+    ap.add_argument("--prune-rate", type=float, default=0.5, help="fraction of the remaining weights each pruning step takes (halved on rollback)")
+    ap.add_argument("--min-rate", type=float, default=1 / 32, help="a cycle stops pruning when the rate falls below this")
+    ap.add_argument("--max-prune-steps", type=int, default=30, help="pruning steps (accepted + rolled back) per cycle at most")
+    ap.add_argument("--optimizer-state", choices=["rebuild", "slice"], default="rebuild", help="after a release: fresh optimizer or sliced state")
     ap.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -153,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="squeeze_release_cifar")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     import timm
 
     t0 = time.time()
@@ -162,23 +198,46 @@ def main(argv=None) -> int:
     val_idx, train_idx = order[:5000], order[5000:]
     if args.train_subset:
         train_idx = train_idx[: args.train_subset]
-    train = _loader(tx[train_idx], ty[train_idx], args.batch, True, True)
+    train = _loader(tx[train_idx], ty[train_idx], args.batch, True, True, seed=args.seed)
     val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
     test = _loader(sx, sy, 500, False, False)
     print(f"data: {len(train_idx)} train, {len(val_idx)} validation, {len(sx)} test ({time.time() - t0:.0f} s)", flush=True)
 
     model = timm.create_model(args.model, pretrained=False, num_classes=10)
     dense_params = count_parameters(model)
-    model = train_dense(model, train, args.dense_epochs, args.lr)
+    cache_key = {"model": args.model, "dense_epochs": args.dense_epochs, "seed": args.seed, "lr": args.lr,
+                 "batch": args.batch, "train_subset": args.train_subset}
+    if args.dense_cache is not None and args.dense_cache.exists():
+        cached = torch.load(args.dense_cache, map_location="cpu", weights_only=False)
+        stored_key = cached.get("key", {}) if isinstance(cached, dict) else {}
+        if stored_key != cache_key:
+            diff = ", ".join(f"{k}: file {stored_key.get(k)!r} vs run {v!r}" for k, v in cache_key.items() if stored_key.get(k) != v)
+            raise SystemExit(f"--dense-cache {args.dense_cache} was written for another dense model ({diff or repr(stored_key)}); "
+                             "pass another path or delete the file")
+        model.load_state_dict(cached["state_dict"])
+        model.eval()
+        torch.set_rng_state(cached["rng"])
+        train.epoch = cached["loader_epoch"]
+        print(f"dense model loaded from {args.dense_cache}", flush=True)
+    else:
+        model = train_dense(model, train, args.dense_epochs, args.lr)
+        if args.dense_cache is not None:
+            args.dense_cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": cache_key, "state_dict": model.state_dict(), "rng": torch.get_rng_state(), "loader_epoch": train.epoch}, args.dense_cache)
+            print(f"dense model saved to {args.dense_cache}", flush=True)
     dense_val, dense_test = accuracy(model, val), accuracy(model, test)
     print(f"dense {args.model}: {dense_params} parameters, validation {dense_val:.4f}, test {dense_test:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
     example = torch.randn(1, 3, 32, 32)
+    schedule = Schedule(
+        cycles=args.cycles, target_sparsity=args.sparsity[0] if len(args.sparsity) == 1 else args.sparsity,
+        finetune_epochs=args.finetune[0] if len(args.finetune) == 1 else args.finetune,
+        recovery_epochs=args.recovery, tolerance=args.tolerance, prune_rate=args.prune_rate, min_rate=args.min_rate,
+        max_prune_steps=args.max_prune_steps, reference_accuracy=dense_val,
+    )
     driver = SqueezeRelease.supervised(
-        model, example, train, val, lr=args.lr / 4, optimizer=torch.optim.AdamW,
-        cycles=args.cycles, target_sparsity=args.sparsity, pruner=group_pruner(example),
-        finetune_epochs=args.finetune, recovery_epochs=args.recovery, tolerance=args.tolerance,
-        reference_accuracy=dense_val, schedule="cosine",
+        model, example, train, val, lr=args.lr / 4, optimizer=torch.optim.AdamW, lr_schedule="cosine",
+        schedule=schedule, pruner=group_pruner(example), optimizer_state=args.optimizer_state,
     )
     small = driver.run()
     print(driver.table(), flush=True)
@@ -190,7 +249,7 @@ def main(argv=None) -> int:
         "dense_params": dense_params, "params": count_parameters(small), "stored": stored, "nnz": count_nonzero(small),
         "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
         "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
-        "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data)},
+        "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data), "dense_cache": str(args.dense_cache) if args.dense_cache else None},
         "history": [r.as_dict() for r in driver.history],
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"
