@@ -6,9 +6,9 @@ rows, the readers' columns, the per-channel convs in between (ConvNeXt's depthwi
 and the norm scales of a stream a norm writes. The coupling analysis knows those slices:
 every parameter axis is a dim, and its indices map to atoms (the units that live or die
 together). So this pruner scores each atom by the root-mean-square of the Linear/Conv weight
-entries it owns and masks the weakest atoms whole, every parameter slice of theirs (biases,
-norm scales and shifts, layer scales too), until the requested fraction of Linear/Conv weights
-is masked. After it, :func:`srfx.compress` removes each pruned atom exactly: it is zero
+entries it owns, relative to the other atoms of its group, and masks the weakest atoms whole,
+every parameter slice of theirs (biases, norm scales and shifts, layer scales too), until the
+requested fraction of Linear/Conv weights is masked; every group keeps at least one atom. After it, :func:`srfx.compress` removes each pruned atom exactly: it is zero
 everywhere, so it is unread, and free to leave even a LayerNorm stream.
 
     >>> masks = group_masks(model, x, 0.5)                           # doctest: +SKIP
@@ -17,6 +17,7 @@ everywhere, so it is unread, and free to leave even a LayerNorm stream.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -26,12 +27,21 @@ import torch.nn as nn
 from .api import analyze
 from .facts import ParamKey
 
-__all__ = ["group_masks", "group_pruner", "atom_slices"]
+__all__ = ["group_masks", "group_pruner", "atom_slices", "atom_table", "Atoms"]
 
 
-def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[str, int, int]]]:
-    """atom -> [(parameter qualname, axis, index)]: the parameter slices each atom owns, for
-    atoms of shrinkable groups whose channels are single-axis (not heads x head dims)."""
+@dataclass(frozen=True)
+class Atoms:
+    """The atoms a group pruner may mask: the parameter slices each owns, and the coupling
+    group it belongs to (the pruner keeps at least one atom of every group alive)."""
+
+    slices: dict[int, list[tuple[str, int, int]]]
+    group: dict[int, int]
+
+
+def atom_table(model: nn.Module, example_input: Any) -> Atoms:
+    """The atoms of shrinkable groups whose channels are single-axis (not heads x head dims),
+    with the parameter slices (qualname, axis, index) each owns and its group."""
     coupling = analyze(model, example_input)
     weights = dict(model.named_parameters())
     blocked = set()
@@ -42,30 +52,52 @@ def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[st
     for did, _ in coupling.needs:
         blocked.update(coupling.atoms(coupling.dims[did]).tolist())
     slices: dict[int, list] = defaultdict(list)
+    group_of: dict[int, int] = {}
     for d in coupling.dims:
         if not isinstance(d.ref.value, ParamKey) or d.ref.value.qualname not in weights:
             continue
         for index, atom in enumerate(coupling.atoms(d).tolist()):
             if atom not in blocked:
                 slices[atom].append((d.ref.value.qualname, d.ref.axes[0], index))
-    return dict(slices)
+                group_of[atom] = int(coupling.group_of_dim[d.id])
+    return Atoms(dict(slices), group_of)
 
 
-def group_masks(model: nn.Module, example_input: Any, sparsity: float, existing: Optional[dict] = None, slices: Optional[dict] = None) -> dict[str, torch.Tensor]:
+def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[str, int, int]]]:
+    """atom -> [(parameter qualname, axis, index)]: the slices of :func:`atom_table`."""
+    return atom_table(model, example_input).slices
+
+
+def group_masks(
+    model: nn.Module,
+    example_input: Any,
+    sparsity: float,
+    existing: Optional[dict] = None,
+    atoms: Optional[Atoms] = None,
+    *,
+    normalize: bool = True,
+    min_keep: int = 1,
+) -> dict[str, torch.Tensor]:
     """Keep-masks (name -> bool tensor) over Linear/Conv weights with at least ``sparsity`` of
-    their entries masked, pruning whole atoms weakest first (RMS of their weight entries, the
-    already-masked entries counting as zero). ``existing`` masks stay masked."""
+    their entries masked (where ``min_keep`` allows), pruning whole atoms weakest first.
+
+    An atom's score is the RMS of its weight entries (already-masked entries count as zero);
+    with ``normalize`` divided by the mean score of its group's live atoms, so groups whose
+    weights are smaller overall (another init scale, a later stage) are not emptied first.
+    Every group keeps at least ``min_keep`` live atoms: a stream pruned to nothing makes the
+    network's output constant. ``existing`` masks stay masked."""
     from srfx.passes.mask import prunable_parameters  # the weights the cycle's sparsity counts
 
     counted = prunable_parameters(model)
     params = dict(model.named_parameters())
-    slices = slices if slices is not None else atom_slices(model, example_input)
+    atoms = atoms if atoms is not None else atom_table(model, example_input)
+    slices = atoms.slices
     owned_names = {name for owned in slices.values() for name, _, _ in owned} | set(counted)
     masks = {n: (existing[n].clone() if existing and n in existing else torch.ones_like(params[n], dtype=torch.bool)) for n in owned_names}
     total = sum(w.numel() for w in counted.values())
     masked = sum(int((~masks[n]).sum()) for n in counted)
     target = int(round(sparsity * total))
-    scores = []
+    scores: dict[int, float] = {}
     for atom, owned in slices.items():
         sq, alive, n = 0.0, 0, 0
         for name, axis, index in owned:
@@ -77,10 +109,20 @@ def group_masks(model: nn.Module, example_input: Any, sparsity: float, existing:
             alive += int(keep.sum())
             n += w.numel()
         if alive:
-            scores.append((np.sqrt(sq / n), atom, alive))
-    for score, atom, alive in sorted(scores):
+            scores[atom] = float(np.sqrt(sq / n))
+    live: dict[int, int] = defaultdict(int)
+    by_group: dict[int, list[float]] = defaultdict(list)
+    for atom, score in scores.items():
+        live[atoms.group[atom]] += 1
+        by_group[atoms.group[atom]].append(score)
+    scale = {g: (float(np.mean(v)) or 1.0) if normalize else 1.0 for g, v in by_group.items()}
+    for atom in sorted(scores, key=lambda a: (scores[a] / scale[atoms.group[a]], a)):
         if masked >= target:
             break
+        group = atoms.group[atom]
+        if live[group] <= min_keep:
+            continue
+        live[group] -= 1
         for name, axis, index in slices[atom]:
             m = masks[name].select(axis, index)
             masked += int(m.sum()) if name in counted else 0
@@ -97,7 +139,7 @@ def group_pruner(example_input: Any) -> Callable[[nn.Module, float, dict], dict]
         key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
         if key not in cache:
             cache.clear()
-            cache[key] = atom_slices(model, example_input)
+            cache[key] = atom_table(model, example_input)
         new = group_masks(model, example_input, sparsity, masks, cache[key])
         return {**masks, **new}
 

@@ -63,3 +63,26 @@ def test_group_pruner_keeps_earlier_masks():
     second = prune(model, 0.5, first)
     for name, m in first.items():
         assert (second[name] <= m).all(), "a masked weight never comes back"
+
+
+def test_no_group_is_pruned_to_nothing_and_scales_do_not_decide():
+    """A stream whose weights are 100x smaller than the rest (another init scale) is not
+    emptied first: scores are relative to their group, and every group keeps an atom even at a
+    sparsity that would take everything (a stream pruned away makes the output constant)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)  # the 16-unit layer's rows: its group scores low overall
+        model[4].weight.mul_(0.01)
+    x = torch.randn(64, 8)
+    alive = lambda masks, name, axis: int(masks[name].any(axis).sum())  # noqa: E731
+    masks = group_masks(model, x, 0.3)
+    assert alive(masks, "2.weight", 1) >= 12  # 16 units, roughly 30% of them at most
+    plain = group_masks(model, x, 0.3, normalize=False)
+    assert alive(plain, "2.weight", 1) < alive(masks, "2.weight", 1)  # raw RMS empties the small group
+    everything = group_masks(model, x, 0.999)
+    assert alive(everything, "2.weight", 1) >= 1 and alive(everything, "0.weight", 1) >= 1
+    apply_masks(model, everything)
+    small = srfx.compress(model, x[:4])
+    assert small(x).std(0).sum() > 0  # the output still depends on the input
+    assert_close(model(x), small(x))
