@@ -7,7 +7,7 @@ the release's noise calibration is :class:`ReleaseSettings`. One cycle:
    plus ``include``) with an adaptive schedule: each step asks the ``pruner`` for masks at
    ``rate`` of the remaining weights more, trains ``recovery_epochs`` with the masks fixed and
    evaluates; if validation accuracy fell below ``reference - tolerance`` the step is rolled back
-   (weights restored) and the rate halved; below ``min_rate`` the cycle stops pruning where it is.
+   (weights restored, and the built-in loop's optimizer state) and the rate halved; below ``min_rate`` the cycle stops pruning where it is.
    The pruner is pluggable: ``pruner(model, sparsity, masks) -> masks`` (it may also adjust kept
    weights in place, e.g. fold a removed input's mean into a bias; a rollback restores them).
    ``"magnitude"`` (default) and ``"unit"`` are global magnitude masks with the plain and the
@@ -256,6 +256,7 @@ class SqueezeRelease:
         while s < target - 1e-9 and steps + rollbacks < sched.max_prune_steps:
             s_next = min(target, 1.0 - (1.0 - s) * (1.0 - rate))
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            optimizer_snapshot = self._optimizer_state()
             new_masks = self.pruner(model, s_next, masks)
             apply_masks(model, new_masks)
             if sched.target_params is not None and rate / 2 >= sched.min_rate and self._deployable(model) < sched.overshoot * sched.target_params:
@@ -276,6 +277,7 @@ class SqueezeRelease:
                     break
             else:
                 model.load_state_dict(snapshot)
+                self._restore_optimizer(optimizer_snapshot)  # the rejected recovery's moments go too
                 rollbacks += 1
                 bar.update(1, f"rollback, rate {rate / 2:.3g}")
                 self.log(f"  prune step to {s_next:.1%} rolled back: accuracy {acc:.4f} < {floor:.4f}; rate {rate:.3g} -> {rate / 2:.3g}")
@@ -284,6 +286,20 @@ class SqueezeRelease:
                     break
         bar.close()
         return model, masks, steps, rollbacks
+
+    def _optimizer_state(self) -> Optional[dict]:
+        """The built-in loop's optimizer state (a user's ``train`` keeps its own)."""
+        if self.loop is None or self.loop.optimizer is None:
+            return None
+        return copy.deepcopy(self.loop.optimizer.state_dict())
+
+    def _restore_optimizer(self, state: Optional[dict]) -> None:
+        if self.loop is None or self.loop.optimizer is None:
+            return
+        if state is None:  # the optimizer was born in the rejected step: the next one starts fresh
+            self.loop.optimizer = None
+        else:
+            self.loop.optimizer.load_state_dict(state)
 
     def _deployable(self, model: nn.Module) -> int:
         """Stored parameters of the model's exact minimization (unverified: only its size counts)."""
@@ -440,7 +456,8 @@ class SqueezeRelease:
         (default: the driver's) of the reference; the most accurate cycle if none is."""
         tol = self.schedule.tolerance if tolerance is None else tolerance
         ok = [i for i, r in enumerate(self.history) if r.accuracy >= self.reference_accuracy - tol]
-        i = min(ok, key=lambda i: (self.history[i].stored, self.history[i].nnz, -i)) if ok else max(range(len(self.history)), key=lambda i: self.history[i].accuracy)
+        # the smallest; at equal size the more accurate (later cycles trained longer), then fewer nonzeros
+        i = min(ok, key=lambda i: (self.history[i].stored, -self.history[i].accuracy, self.history[i].nnz, -i)) if ok else max(range(len(self.history)), key=lambda i: self.history[i].accuracy)
         return i, self.models[i]
 
     def table(self) -> str:

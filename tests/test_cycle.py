@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import copy
+
 import pytest
 import torch
 import torch.fx as fx
@@ -308,3 +310,39 @@ def test_progress_line_without_tqdm(monkeypatch, capsys):
     off.update(1)
     off.close()
     assert capsys.readouterr().err == ""
+
+
+def test_a_rollback_restores_the_optimizer_state_too(digits, trained):
+    """A rejected pruning step's recovery training must not leave its Adam moments behind."""
+    torch.set_num_threads(1)
+    (x, y), (vx, vy) = digits
+    sr = SqueezeRelease.supervised(
+        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False), lr=1e-3,
+        schedule=Schedule(cycles=1, target_sparsity=0.5, prune_rate=0.5, min_rate=0.3, recovery_epochs=0.2, reference_accuracy=2.0),
+        log=None,
+    )
+    sr.loop.train(sr.model, 0.2)  # an optimizer with state before the step
+    before = copy.deepcopy(sr.loop.optimizer.state_dict())
+    weights = {k: v.clone() for k, v in sr.model.state_dict().items()}
+    masks = {n: p.detach() != 0 for n, p in sr.model.named_parameters() if n.endswith("weight")}
+    model, _, steps, rollbacks = sr._prune(sr.model, 0.5, masks)
+    assert (steps, rollbacks) == (0, 1)  # 0.5 rolled back, 0.25 is below min_rate
+    after = sr.loop.optimizer.state_dict()
+    for i, st in before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after["state"][i][key], value), (i, key)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_best_prefers_the_more_accurate_of_equal_sizes(trained):
+    f = lambda *a: None  # noqa: E731
+    sr = SqueezeRelease(trained, torch.randn(1, 64), f, f, schedule=Schedule(cycles=2, tolerance=0.05, reference_accuracy=0.9), log=None)
+
+    def record(cycle, stored, nnz, accuracy):
+        return CycleRecord(cycle=cycle, sparsity=0.5, params=stored, stored=stored, nnz=nnz, macs=1, accuracy=accuracy, seconds=1.0,
+                           prune_steps=1, rollbacks=0, released=0, optimizer_rebuilt=False)
+
+    sr.history = [record(1, 1000, 990, 0.87), record(2, 1000, 1000, 0.89), record(3, 2000, 2000, 0.95)]
+    sr.models = ["first", "second", "third"]
+    assert sr.best() == (1, "second")  # same size: the more accurate, despite 10 more nonzeros
+    assert sr.best(tolerance=0.0) == (2, "third")  # nothing within 0: the most accurate
