@@ -60,7 +60,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # _common, also when imported from elsewhere (tests)
 
+from _common import git_state  # noqa: E402
 from srfx.cycle import Schedule, SqueezeRelease  # noqa: E402
 from srfx.group_pruning import group_pruner  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
         "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
         "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
         "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data), "dense_cache": str(args.dense_cache) if args.dense_cache else None},
-        "history": [r.as_dict() for r in driver.history],
+        "history": [r.as_dict() for r in driver.history], "git": git_state(),
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -57,8 +57,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # _common, also when imported from elsewhere (tests)
 
 import srfx  # noqa: E402
+from _common import git_state  # noqa: E402
 from srfx.cycle import ReleaseSettings, Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
 from srfx.passes import apply_masks, magnitude_masks  # noqa: E402
 from srfx.passes.mask import prunable_parameters  # noqa: E402
@@ -196,6 +198,7 @@ def record(method, dense_params, dense_acc, small, acc, seconds, **extra) -> dic
         "inputs_kept": inputs_kept(small),
     }
     out.update(extra)
+    out["git"] = git_state()  # the commit the numbers came from
     return out
 
 
