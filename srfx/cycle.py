@@ -148,6 +148,18 @@ class Schedule:
             raise ValueError(f"finetune_epochs: one value or one per cycle, got {self.finetune_epochs}")
         if not 0.0 < self.prune_rate < 1.0:
             raise ValueError(f"prune_rate must be in (0, 1), got {self.prune_rate}")
+        if not 0.0 < self.min_rate <= self.prune_rate:
+            raise ValueError(f"min_rate must be in (0, prune_rate={self.prune_rate}], got {self.min_rate}")
+        if not 0.0 < self.overshoot <= 1.0:
+            raise ValueError(f"overshoot must be in (0, 1], got {self.overshoot}")
+        if self.max_prune_steps < 1:
+            raise ValueError(f"max_prune_steps must be >= 1, got {self.max_prune_steps}")
+        if self.target_params is not None and self.target_params < 1:
+            raise ValueError(f"target_params must be a positive parameter count, got {self.target_params}")
+        negative = [name for name in ("tolerance", "recovery_epochs", "release_epochs") if getattr(self, name) < 0]
+        negative += ["finetune_epochs"] if any(e < 0 for e in self.finetune) else []
+        if negative:
+            raise ValueError(f"{', '.join(negative)} must not be negative")
 
     @property
     def targets(self) -> list[float]:

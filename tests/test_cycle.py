@@ -117,6 +117,10 @@ def test_bad_arguments(trained):
         Schedule(cycles=2, target_sparsity=[0.5])
     with pytest.raises(ValueError):
         Schedule(prune_rate=1.0)
+    for bad in (dict(min_rate=0.0), dict(prune_rate=0.2, min_rate=0.3), dict(overshoot=1.5), dict(max_prune_steps=0),
+                dict(target_params=0), dict(tolerance=-0.1), dict(recovery_epochs=-1), dict(finetune_epochs=[1, -1, 1])):
+        with pytest.raises(ValueError):
+            Schedule(**bad)
     with pytest.raises(TypeError, match="Schedule"):  # the old flat keyword arguments are gone
         SqueezeRelease(trained, torch.randn(1, 64), f, f, schedule={"cycles": 2})
     with pytest.raises(TypeError, match="ReleaseSettings"):
