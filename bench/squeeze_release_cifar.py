@@ -2,7 +2,7 @@
 
     python bench/squeeze_release_cifar.py [--data ../shared/datasets/cifar10] [--model convnext_atto]
         [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycles 3] [--sparsity 0.5 0.7 0.8]
-        [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--prune-rate 0.5] [--min-rate 0.03125]
+        [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--select-tolerance T] [--prune-rate 0.5] [--min-rate 0.03125]
         [--max-prune-steps 30] [--optimizer-state rebuild] [--train-subset N] [--batch 128]
         [--lr 2e-3] [--threads 2] [--out squeeze_release_cifar]
 
@@ -28,7 +28,8 @@ Options:
   starting model's Linear/Conv weights to prune), ``--finetune`` (fine-tuning epochs, one value
   or one per cycle), ``--recovery`` (training epochs after each pruning step), ``--tolerance``
   (a pruning step is rolled back when validation accuracy falls more than this below the dense
-  validation accuracy; also the selection tolerance: the smallest cycle within it is reported),
+  validation accuracy), ``--select-tolerance`` (the smallest cycle whose fine-tuned model is
+  within this of the dense validation accuracy is reported; default: ``--tolerance``),
   ``--prune-rate`` (each step prunes this fraction of the remaining weights; halved on every
   rollback), ``--min-rate`` (a cycle stops pruning once the rate falls below it),
   ``--max-prune-steps`` (accepted steps plus rollbacks per cycle), ``--optimizer-state``
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", type=float, nargs="+", default=[1.0], help="fine-tuning epochs: one value or one per cycle")
     ap.add_argument("--recovery", type=float, default=0.25, help="epochs after each pruning step")
     ap.add_argument("--tolerance", type=float, default=0.02, help="accuracy a pruning step may cost (validation)")
+    ap.add_argument("--select-tolerance", type=float, default=None, help="the reported cycle is the smallest within this of the dense validation accuracy (default: --tolerance)")
     ap.add_argument("--prune-rate", type=float, default=0.5, help="fraction of the remaining weights each pruning step takes (halved on rollback)")
     ap.add_argument("--min-rate", type=float, default=1 / 32, help="a cycle stops pruning when the rate falls below this")
     ap.add_argument("--max-prune-steps", type=int, default=30, help="pruning steps (accepted + rolled back) per cycle at most")
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     )
     small = driver.run()
     print(driver.table(), flush=True)
-    cycle, small = driver.best(args.tolerance)
+    cycle, small = driver.best(args.tolerance if args.select_tolerance is None else args.select_tolerance)
     test_acc = accuracy(small, test)
     stored = count_stored(small)
     result = {
