@@ -57,7 +57,9 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
 
 def _kept_indices(before: fx.GraphModule, after: fx.GraphModule, removal: Plan) -> dict:
     """The plan's kept indices for the parameters of ``after`` that really are those slices of
-    ``before``'s (compensate_ln widens some readers: those are new tensors, left out)."""
+    ``before``'s: the traced model before BatchNorm folding, so a bias that folding gave a
+    bias-less conv is not described as the model's; readers compensate_ln widened are new
+    tensors too, left out."""
     params_before = dict(before.named_parameters(remove_duplicate=False))
     params_after = dict(after.named_parameters(remove_duplicate=False))
     kept = {}
@@ -144,7 +146,7 @@ def compress(
         warnings=tuple(notes),
         heads=removal.attention_heads(),
         compensated_norms=len(removal.compensations),
-        kept=_kept_indices(graph, result, removal),
+        kept=_kept_indices(traced.graph_module, result, removal),  # before BN folding: the model's own names
     )
     for note in notes:
         warnings.warn(note, stacklevel=2)

@@ -135,6 +135,15 @@ def test_never_larger(case):
     assert r.macs_after <= r.macs_before
     for g in r.groups:
         assert 0 <= g.kept <= g.channels and g.unread + g.constant == g.channels - g.kept
+    # report.kept describes the result: what shrank is listed, and listed slices have its shape
+    before, after = dict(model.named_parameters()), dict(result.named_parameters())
+    for name, axes in r.kept.items():
+        t = before[name]
+        for axis, keep in axes.items():
+            t = t.index_select(axis, keep)
+        assert t.shape == after[name].shape, name
+    for name in before.keys() & after.keys():
+        assert after[name].shape == before[name].shape or name in r.kept, f"{name} shrank but report.kept does not say how"
 
 
 # ------------------------------------------------------------------------------------------

@@ -92,3 +92,18 @@ def test_a_users_optimizer_follows_the_compress():
     new.zero_grad()
     nn.functional.cross_entropy(small(x), y).backward()
     new.step()  # shapes agree: the carried state trains
+
+
+def test_a_bias_that_batchnorm_folding_created_is_not_the_models():
+    """conv (no bias) -> BN: folding gives the conv a bias the model never had; kept lists only
+    the model's own parameters (found by the never-larger property)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    with torch.no_grad():
+        m[0].weight[[1, 4]] = 0
+        m[1].running_var.uniform_(0.5, 2.0)
+    small = srfx.compress(m, torch.randn(2, 3, 8, 8))
+    kept = small.meta[srfx.REPORT_KEY].kept
+    assert "0.bias" in dict(small.named_parameters()) and "0.bias" not in kept
+    assert kept["0.weight"][0].tolist() == [0, 2, 3, 5] and kept["3.weight"][1].tolist() == [0, 2, 3, 5]
+    assert set(kept) <= set(dict(m.named_parameters()))
