@@ -7,7 +7,8 @@ the release's noise calibration is :class:`ReleaseSettings`. One cycle:
    plus ``include``) with an adaptive schedule: each step asks the ``pruner`` for masks at
    ``rate`` of the remaining weights more, trains ``recovery_epochs`` with the masks fixed and
    evaluates; if validation accuracy fell below ``reference - tolerance`` the step is rolled back
-   (weights restored, and the built-in loop's optimizer state) and the rate halved; below ``min_rate`` the cycle stops pruning where it is.
+   (weights restored, and the built-in loop's optimizer state) and the rate halved; below
+   ``min_rate`` the cycle stops pruning where it is.
    The pruner is pluggable: ``pruner(model, sparsity, masks) -> masks`` (it may also adjust kept
    weights in place, e.g. fold a removed input's mean into a bias; a rollback restores them).
    ``"magnitude"`` (default) and ``"unit"`` are global magnitude masks with the plain and the
@@ -16,16 +17,18 @@ the release's noise calibration is :class:`ReleaseSettings`. One cycle:
 2. **fine-tune** ``finetune_epochs`` with the masks fixed;
 3. **minimize**: :func:`srfx.compress` (verified: same function, smaller dense GraphModule) of
    :func:`ungather` (model): from cycle 2 on, the model's first layer reads its inputs through
-   the ``index_select`` an earlier compress inserted, which the planner treats as a barrier, so
-   more inputs could never go; undoing it first lets every cycle drop pixels;
+   the ``index_select`` an earlier compress inserted; undoing it gives the pruners the full
+   input width to work on (compress itself would now narrow the gather too: ``index_select``
+   has a rule);
 4. record the cycle (:class:`CycleRecord`: params, stored, nonzeros, MACs, widths, accuracy,
    seconds) in ``history``;
 5. **release** (unless it is the last cycle; ``ReleaseSettings(enabled=False)`` is the ablation
-   that keeps the zeros pruned and trains the compacted model under its masks): the exact zeros left in the
-   compacted weights become calibrated noise (:func:`srfx.passes.release`), all weights trainable again. The parameter
-   shapes changed, so the optimizer state must follow: with ``optimizer_state="slice"`` and the
-   built-in :class:`SupervisedLoop` the state (momentum, Adam's moments and step) is sliced with
-   the indices minimize kept (:func:`kept_indices`); ``"rebuild"`` (default) starts a fresh
+   that keeps the zeros pruned and trains the compacted model under its masks): the exact zeros
+   left in the compacted weights become calibrated noise (:func:`srfx.passes.release`), all
+   weights trainable again. The parameter shapes changed, so the optimizer state must follow:
+   with ``optimizer_state="slice"`` and the built-in :class:`SupervisedLoop` the state
+   (momentum, Adam's moments and step) is sliced with the indices the compress kept (its
+   report's ``kept``, see :func:`kept_indices`); ``"rebuild"`` (default) starts a fresh
    optimizer through the ``rebuild_optimizer`` hook. The next cycle first trains
    ``release_epochs`` (default 0) with every weight free.
 
