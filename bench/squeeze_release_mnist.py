@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # _common, also when imported from else
 import srfx  # noqa: E402
 from _common import git_state  # noqa: E402
 from srfx.cycle import ReleaseSettings, Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
+from srfx.supervised import distillation_loss  # noqa: E402
 from srfx.passes import apply_masks, magnitude_masks  # noqa: E402
 from srfx.passes.mask import prunable_parameters  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
@@ -299,11 +300,11 @@ def main(argv=None) -> int:
             return SupervisedLoop(train, val, lr=lr, lr_schedule="cosine", progress=args.progress)
         return SupervisedLoop(distilled, val, lr=lr, loss=kd_targets, lr_schedule="cosine", progress=args.progress)
 
-    def kd_targets(out, target):  # distillation with the teacher's logits precomputed once
-        labels, logits = target
-        T = args.temperature
-        kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(logits / T, 1), log_target=True, reduction="batchmean") * T * T
-        return args.distill * kd + (1 - args.distill) * F.cross_entropy(out, labels)
+    def objective(out, labels, teacher_logits):  # the one training objective of every method
+        return args.distill * distillation_loss(out, teacher_logits, args.temperature) + (1 - args.distill) * F.cross_entropy(out, labels)
+
+    def kd_targets(out, target):  # with the teacher's logits carried by the loader
+        return objective(out, *target)
 
     # -- dense (always: every other method starts from it) -------------------------------
     t0 = time.perf_counter()
@@ -327,9 +328,7 @@ def main(argv=None) -> int:
 
     def kd_loss(model):  # the greedy unit pruner's yardstick: distillation + CE on a fixed train batch
         with torch.no_grad():
-            o, T = model(calib_x), args.temperature
-            kd = F.kl_div(F.log_softmax(o / T, 1), F.log_softmax(calib_t / T, 1), log_target=True, reduction="batchmean") * T * T
-            return float(args.distill * kd + (1 - args.distill) * F.cross_entropy(o, calib_y))
+            return float(objective(model(calib_x), calib_y, calib_t))
 
     def finetune(small, epochs):  # zeros stay zero (unit pruning leaves none; magnitude masks do)
         m = copy.deepcopy(small)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SupervisedLoop", "TensorBatches", "carry_optimizer_state"]
+__all__ = ["SupervisedLoop", "TensorBatches", "carry_optimizer_state", "distillation_loss"]
 
 
 class TensorBatches:
@@ -39,6 +39,13 @@ class TensorBatches:
             yield (self.transform(x, self.generator) if self.transform is not None else x), self.y[b]
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over the last axis, batch mean
+    (Hinton et al.; the ``T**2`` keeps its gradients on the scale of cross-entropy's)."""
+    T = temperature
+    return F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits / T, -1), log_target=True, reduction="batchmean") * T * T
+
+
 def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[dict]:
     out = {}
     for k, v in state.items():
@@ -49,7 +56,6 @@ def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[
                 return None
         out[k] = v.clone() if isinstance(v, torch.Tensor) else v
     return out
-
 
 
 def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, kept: dict) -> int:
@@ -170,9 +176,7 @@ class SupervisedLoop:
         if self.teacher is not None and self.distill > 0:
             with torch.no_grad():
                 t = self.teacher(x)
-            T = self.temperature
-            kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
-            loss = (1 - self.distill) * loss + self.distill * kd
+            loss = (1 - self.distill) * loss + self.distill * distillation_loss(out, t, self.temperature)
         return loss
 
     def train(self, model: nn.Module, epochs: float, masks: Optional[dict] = None) -> nn.Module:

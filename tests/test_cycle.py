@@ -350,3 +350,15 @@ def test_best_prefers_the_more_accurate_of_equal_sizes(trained):
     sr.models = ["first", "second", "third"]
     assert sr.best() == (1, "second")  # same size: the more accurate, despite 10 more nonzeros
     assert sr.best(tolerance=0.0) == (2, "third")  # nothing within 0: the most accurate
+
+
+def test_distillation_loss_is_zero_only_at_the_teacher():
+    from srfx.supervised import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 5)
+    assert distillation_loss(teacher.clone(), teacher, 4.0).abs() < 1e-6
+    other = torch.randn(8, 5)
+    assert distillation_loss(other, teacher, 4.0) > 0
+    # the T**2 factor: for the same softened distributions, doubling T quadruples the loss
+    assert torch.allclose(distillation_loss(2 * other, 2 * teacher, 8.0), 4 * distillation_loss(other, teacher, 4.0))
