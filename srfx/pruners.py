@@ -105,33 +105,42 @@ def _freed(new: nn.Module, old: nn.Module) -> int:
 # -- the compressed model's input gathers and the kept indices --------------------------------
 
 
-def ungather(model: nn.Module, example_input: Any) -> nn.Module:
-    """A copy of a compressed ``model`` whose input gathers (``index_select`` of a model input by
-    a ``_srfx_gather_*`` buffer, feeding one Linear/Conv) are undone: the reader gets its full
-    input width back, zero columns where inputs were dropped. Same function; a later
-    :func:`srfx.compress` can then drop more inputs (the gather itself is a barrier for the
-    planner). Models without gathers come back as a plain copy."""
-    out = copy.deepcopy(model)
-    if not isinstance(out, fx.GraphModule):
-        return out
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    placeholders = [n for n in out.graph.nodes if n.op == "placeholder"]
-    modules = dict(out.named_modules())
-    changed = False
-    for node in list(out.graph.nodes):
+def _input_gathers(gm: fx.GraphModule):
+    """(index_select node, index get_attr node, reader module) for every input gather a compress
+    inserted: a model input selected by a ``_srfx_gather*`` buffer and read by exactly one
+    ungrouped Linear/Conv. The one definition :func:`ungather` and :func:`kept_indices` share."""
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.index_select or len(node.args) != 3:
             continue
-        x, axis, idx = node.args
+        x, _, idx = node.args
         if x not in placeholders or not (isinstance(idx, fx.Node) and idx.op == "get_attr" and str(idx.target).startswith("_srfx_gather")):
             continue
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             continue
         reader = modules[users[0].target]
+        if isinstance(reader, (nn.Linear, nn.modules.conv._ConvNd)) and getattr(reader, "groups", 1) == 1:
+            yield node, idx, users[0].target
+
+
+def ungather(model: nn.Module, example_input: Any) -> nn.Module:
+    """A copy of a compressed ``model`` whose input gathers (``index_select`` of a model input by
+    a ``_srfx_gather_*`` buffer, feeding one Linear/Conv) are undone: the reader gets its full
+    input width back, zero columns where inputs were dropped. Same function; a pruner then sees
+    every input again. Models without gathers come back as a plain copy."""
+    out = copy.deepcopy(model)
+    if not isinstance(out, fx.GraphModule):
+        return out
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    placeholders = [n for n in out.graph.nodes if n.op == "placeholder"]
+    changed = False
+    for node, idx, owner in _input_gathers(out):
+        x, axis, _ = node.args
+        reader = out.get_submodule(owner)
         size = inputs[placeholders.index(x)].shape[axis]
         keep = getattr(out, idx.target)
-        if not isinstance(reader, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(reader, "groups", 1) != 1:
-            continue
         w = reader.weight.detach()
         full = torch.zeros((w.shape[0], size) + tuple(w.shape[2:]), dtype=w.dtype)
         full.index_copy_(1, keep, w)
@@ -156,14 +165,7 @@ def _gathers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Reader weight name -> gather indices, for the gathers :func:`ungather` undoes."""
     if not isinstance(model, fx.GraphModule):
         return {}
-    out = {}
-    for node in model.graph.nodes:
-        if node.op == "call_function" and node.target is torch.index_select and len(node.args) == 3:
-            idx = node.args[2]
-            users = list(node.users)
-            if isinstance(idx, fx.Node) and idx.op == "get_attr" and str(idx.target).startswith("_srfx_gather") and len(users) == 1 and users[0].op == "call_module":
-                out[f"{users[0].target}.weight"] = getattr(model, idx.target)
-    return out
+    return {f"{owner}.weight": getattr(model, idx.target) for _, idx, owner in _input_gathers(model)}
 
 
 def kept_indices(model: nn.Module, example_input: Any, kept: Optional[dict] = None) -> dict[str, dict[int, torch.Tensor]]:
