@@ -66,7 +66,7 @@ def _fold(conv: nn.modules.conv._ConvNd, bn: dict) -> None:
 
 def _drop_attr(gm: fx.GraphModule, qualname: str) -> None:
     owner, _, attr = qualname.rpartition(".")
-    delattr(_attrs.get(gm, owner) if owner else gm, attr)
+    delattr(_attrs.get(gm, owner), attr)  # _attrs.get of "" is gm itself
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
