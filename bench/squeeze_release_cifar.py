@@ -3,7 +3,8 @@
     python bench/squeeze_release_cifar.py [--data ../shared/datasets/cifar10] [--model convnext_atto]
         [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycles 3] [--sparsity 0.5 0.7 0.8]
         [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--select-tolerance T] [--prune-rate 0.5] [--min-rate 0.03125]
-        [--max-prune-steps 30] [--optimizer-state rebuild] [--train-subset N] [--batch 128]
+        [--max-prune-steps 30] [--optimizer-state rebuild] [--scores relative] [--calibration 2048]
+        [--train-subset N] [--batch 128]
         [--lr 2e-3] [--threads 2] [--out squeeze_release_cifar]
 
 A laptop-CPU budget by default (convnext_atto, a few epochs): the dense baseline is far from a
@@ -36,6 +37,10 @@ Options:
   (``rebuild``: a fresh optimizer after each release; ``slice``: AdamW's state sliced to the
   kept channels): passed to :meth:`srfx.cycle.SqueezeRelease.supervised`, which trains with
   AdamW at ``--lr`` / 4 and a cosine learning rate per call.
+* ``--scores``: how the group pruner ranks channels. ``relative``: weight RMS relative to the
+  channel's group; ``taylor``: :func:`srfx.group_pruning.taylor_costs`, the first-order loss
+  cost per weight freed, measured with cross-entropy on the first ``--calibration`` training
+  images (unaugmented, batches of 256, the same images at every step).
 * ``--train-subset N``: the first N training images only (0: all 45,000); ``--batch``,
   ``--threads`` (torch threads), ``--out`` (result name).
 
@@ -186,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-rate", type=float, default=1 / 32, help="a cycle stops pruning when the rate falls below this")
     ap.add_argument("--max-prune-steps", type=int, default=30, help="pruning steps (accepted + rolled back) per cycle at most")
     ap.add_argument("--optimizer-state", choices=["rebuild", "slice"], default="rebuild", help="after a release: fresh optimizer or sliced state")
+    ap.add_argument("--scores", choices=["relative", "taylor"], default="relative", help="group pruner's channel ranking (see above)")
+    ap.add_argument("--calibration", type=int, default=2048, help="training images the taylor scores are measured on")
     ap.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -239,9 +246,14 @@ def main(argv=None) -> int:
         recovery_epochs=args.recovery, tolerance=args.tolerance, prune_rate=args.prune_rate, min_rate=args.min_rate,
         max_prune_steps=args.max_prune_steps, reference_accuracy=dense_val,
     )
+    if args.scores == "taylor":
+        calib = train_idx[: args.calibration]
+        pruner = group_pruner(example, loss=F.cross_entropy, batches=list(_loader(tx[calib], ty[calib], 256, False, False)))
+    else:
+        pruner = group_pruner(example)
     driver = SqueezeRelease.supervised(
         model, example, train, val, lr=args.lr / 4, optimizer=torch.optim.AdamW, lr_schedule="cosine",
-        schedule=schedule, pruner=group_pruner(example), optimizer_state=args.optimizer_state,
+        schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state,
     )
     small = driver.run()
     print(driver.table(), flush=True)

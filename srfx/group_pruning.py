@@ -11,14 +11,19 @@ every parameter slice of theirs (biases, norm scales and shifts, layer scales to
 requested fraction of Linear/Conv weights is masked; every group keeps at least one atom. After it, :func:`srfx.compress` removes each pruned atom exactly: it is zero
 everywhere, so it is unread, and free to leave even a LayerNorm stream.
 
+Relative weight size cannot tell a narrow early stage (few weights per channel, every channel
+needed) from a wide late one; :func:`taylor_costs` can: each atom's first-order estimate of the
+loss its removal costs, per Linear/Conv weight it frees, measured on a few fixed batches.
+
     >>> masks = group_masks(model, x, 0.5)                           # doctest: +SKIP
     >>> SqueezeRelease(model, x, train, evaluate, pruner=group_pruner(x))  # doctest: +SKIP
+    >>> pruner = group_pruner(x, loss=F.cross_entropy, batches=fixed_batches)  # doctest: +SKIP
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ import torch.nn as nn
 from .api import analyze
 from .facts import ParamKey
 
-__all__ = ["group_masks", "group_pruner", "atom_slices", "atom_table", "Atoms"]
+__all__ = ["group_masks", "group_pruner", "taylor_costs", "atom_slices", "atom_table", "Atoms"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ def group_masks(
     *,
     normalize: bool = True,
     min_keep: int = 1,
+    costs: Optional[dict[int, float]] = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks (name -> bool tensor) over Linear/Conv weights with at least ``sparsity`` of
     their entries masked (where ``min_keep`` allows), pruning whole atoms weakest first.
@@ -84,8 +90,10 @@ def group_masks(
     An atom's score is the RMS of its weight entries (already-masked entries count as zero);
     with ``normalize`` divided by the mean score of its group's live atoms, so groups whose
     weights are smaller overall (another init scale, a later stage) are not emptied first.
-    Every group keeps at least ``min_keep`` live atoms: a stream pruned to nothing makes the
-    network's output constant. ``existing`` masks stay masked."""
+    ``costs`` (atom -> cost, e.g. :func:`taylor_costs`) replaces that score: lowest cost goes
+    first, atoms without a cost are kept. Every group keeps at least ``min_keep`` live atoms: a
+    stream pruned to nothing makes the network's output constant. ``existing`` masks stay
+    masked."""
     from srfx.passes.mask import prunable_parameters  # the weights the cycle's sparsity counts
 
     counted = prunable_parameters(model)
@@ -109,15 +117,15 @@ def group_masks(
             alive += int(keep.sum())
             n += w.numel()
         if alive:
-            scores[atom] = float(np.sqrt(sq / n))
+            scores[atom] = float(np.sqrt(sq / n)) if costs is None else costs.get(atom, float("inf"))
     live: dict[int, int] = defaultdict(int)
     by_group: dict[int, list[float]] = defaultdict(list)
     for atom, score in scores.items():
         live[atoms.group[atom]] += 1
         by_group[atoms.group[atom]].append(score)
-    scale = {g: (float(np.mean(v)) or 1.0) if normalize else 1.0 for g, v in by_group.items()}
+    scale = {g: (float(np.mean(v)) or 1.0) if normalize and costs is None else 1.0 for g, v in by_group.items()}
     for atom in sorted(scores, key=lambda a: (scores[a] / scale[atoms.group[a]], a)):
-        if masked >= target:
+        if masked >= target or scores[atom] == float("inf"):
             break
         group = atoms.group[atom]
         if live[group] <= min_keep:
@@ -130,9 +138,70 @@ def group_masks(
     return masks
 
 
-def group_pruner(example_input: Any) -> Callable[[nn.Module, float, dict], dict]:
+def taylor_costs(
+    model: nn.Module,
+    atoms: Atoms,
+    loss: Callable[[torch.Tensor, Any], torch.Tensor],
+    batches: Iterable[tuple[Any, Any]],
+) -> dict[int, float]:
+    """atom -> first-order estimate of the loss its removal costs, per live Linear/Conv
+    weight it frees.
+
+    Zeroing an atom changes the loss by about ``-sum(w * dL/dw)`` over every slice it owns
+    (weights, biases, norm scales and shifts alike). That sum is taken per batch and its root
+    mean square over ``batches`` is the estimate (a converged model's mean gradient is near
+    zero; the per-batch spread is not: Molchanov et al. 2019). Dividing by the weights freed
+    makes a cheap-looking channel of a narrow stage, which frees little, cost what it is worth.
+    The model is evaluated in eval mode (no dropout, fixed norm statistics) and its gradients
+    and mode are left as they were."""
+    from srfx.passes.mask import prunable_parameters
+
+    counted = prunable_parameters(model)
+    params = dict(model.named_parameters())
+    names = sorted({name for owned in atoms.slices.values() for name, _, _ in owned})
+    saved_grads = {n: params[n].grad for n in names}
+    was_training = model.training
+    sums: dict[int, list[float]] = defaultdict(list)
+    model.eval()
+    try:
+        for x, y in batches:
+            for n in names:
+                params[n].grad = None
+            loss(model(x), y).backward()
+            per_axis: dict[tuple[str, int], np.ndarray] = {}
+            for n in names:
+                g = params[n].grad
+                wg = torch.zeros_like(params[n]) if g is None else params[n].detach() * g
+                for axis in range(wg.dim()):
+                    others = tuple(a for a in range(wg.dim()) if a != axis)
+                    per_axis[n, axis] = (wg.sum(others) if others else wg).double().numpy()
+            for atom, owned in atoms.slices.items():
+                sums[atom].append(float(sum(per_axis[n, axis][index] for n, axis, index in owned)))
+    finally:
+        for n in names:
+            params[n].grad = saved_grads[n]
+        model.train(was_training)
+    costs = {}
+    for atom, owned in atoms.slices.items():
+        freed = sum(int((counted[n].detach().select(axis, index) != 0).sum()) for n, axis, index in owned if n in counted)
+        if freed and sums[atom]:
+            costs[atom] = float(np.sqrt(np.mean(np.square(sums[atom])))) / freed
+    return costs
+
+
+def group_pruner(
+    example_input: Any,
+    *,
+    loss: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+    batches: Optional[Iterable[tuple[Any, Any]]] = None,
+) -> Callable[[nn.Module, float, dict], dict]:
     """A ``pruner`` for :class:`srfx.cycle.SqueezeRelease` that masks whole atoms (the
-    analysis runs once per model shape, i.e. once per cycle)."""
+    analysis runs once per model shape, i.e. once per cycle). With ``loss`` (``loss(output,
+    target) -> scalar``) and ``batches`` (a fixed list of ``(input, target)``), atoms are
+    ranked by :func:`taylor_costs` on the masked model instead of relative weight size."""
+    if (loss is None) != (batches is None):
+        raise ValueError("group_pruner: pass loss and batches together (loss-measured costs) or neither (weight size)")
+    batches = list(batches) if batches is not None else None
     cache: dict = {}
 
     def prune(model: nn.Module, sparsity: float, masks: dict) -> dict:
@@ -140,7 +209,8 @@ def group_pruner(example_input: Any) -> Callable[[nn.Module, float, dict], dict]
         if key not in cache:
             cache.clear()
             cache[key] = atom_table(model, example_input)
-        new = group_masks(model, example_input, sparsity, masks, cache[key])
+        costs = taylor_costs(model, cache[key], loss, batches) if loss is not None else None
+        new = group_masks(model, example_input, sparsity, masks, cache[key], costs=costs)
         return {**masks, **new}
 
     return prune
