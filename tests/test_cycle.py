@@ -362,3 +362,18 @@ def test_distillation_loss_is_zero_only_at_the_teacher():
     assert distillation_loss(other, teacher, 4.0) > 0
     # the T**2 factor: for the same softened distributions, doubling T quadruples the loss
     assert torch.allclose(distillation_loss(2 * other, 2 * teacher, 8.0), 4 * distillation_loss(other, teacher, 4.0))
+
+
+def test_group_pruner_with_loss_measured_costs_drives_the_cycle(digits, trained):
+    """The group pruner ranked by taylor_costs inside the driver: whole units go, so every
+    cycle's compressed model is dense (nnz = stored) and smaller than the one before."""
+    from srfx.group_pruning import group_pruner
+
+    torch.set_num_threads(1)
+    (x, y), _ = digits
+    pruner = group_pruner(x[:1], loss=F.cross_entropy, batches=[(x[:256], y[:256]), (x[256:512], y[256:512])])
+    sr = _driver(digits, trained, Schedule(cycles=2, target_sparsity=0.4, recovery_epochs=0.3, finetune_epochs=0.3, tolerance=0.5), pruner=pruner)
+    sr.run()
+    stored = [r.stored for r in sr.history]
+    assert stored[0] < count_stored(trained) and stored[1] < stored[0]
+    assert all(r.nnz == r.stored for r in sr.history)
