@@ -1,5 +1,6 @@
-"""The MNIST bench's deployment path: a compressed model (input gather included) behind the
-normalization, torch.export-ed with a dynamic batch, loads back and matches."""
+"""The benches' deployment and ablation helpers: the MNIST bench's compressed model (input
+gather included) behind the normalization, torch.export-ed with a dynamic batch, loads back
+and matches; the CIFAR scratch ablation rebuilds the compressed architecture."""
 from __future__ import annotations
 
 import importlib.util
@@ -57,3 +58,35 @@ def test_random_shift_moves_whole_images_by_at_most_the_given_pixels():
     edge[0, 0, :] = 5.0  # a top row shifted down leaves the fill behind
     moved = bench.random_shift(1, fill=fill)(edge.view(1, -1).repeat(32, 1), torch.Generator().manual_seed(1)).view(32, 28, 28)
     assert (moved == fill).any()
+
+
+def test_cifar_scratch_rebuilds_the_compressed_convnext_and_counts_the_budget():
+    """The scratch ablation's timm ConvNeXt has exactly the compressed model's parameter
+    shapes (so the same stored size), freshly initialized; its epoch budget counts every
+    recovery (rolled-back steps too) and fine-tuning up to the selected cycle."""
+    import pytest
+
+    timm = pytest.importorskip("timm")
+    from srfx.group_pruning import group_masks
+    from srfx.passes import apply_masks
+
+    spec = importlib.util.spec_from_file_location("squeeze_release_cifar_scratch", BENCH.parent / "squeeze_release_cifar_scratch.py")
+    scratch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scratch)
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    apply_masks(model, group_masks(model, x, 0.6))
+    small = srfx.compress(model, x)
+    shapes = {n: tuple(p.shape) for n, p in small.named_parameters()}
+    assert shapes["stem.0.weight"][0] < 40 or shapes["stages.3.blocks.0.conv_dw.weight"][0] < 320
+    fresh = scratch.narrow_convnext("convnext_atto", shapes)
+    assert {n: tuple(p.shape) for n, p in fresh.named_parameters()} == shapes
+    fc1 = fresh.stages[2].blocks[0].mlp.fc1
+    assert fc1.bias.abs().sum() == 0 and 0.01 < float(fc1.weight.detach().std()) < 0.03  # timm's init, not the compressed weights
+    assert fresh(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    history = [{"prune_steps": 3, "rollbacks": 1}, {"prune_steps": 1, "rollbacks": 2}, {"prune_steps": 5, "rollbacks": 0}]
+    result = {"config": {"dense_epochs": 6, "recovery": 0.5, "finetune": [2, 3, 4]}, "history": history, "selected_cycle": 1}
+    assert scratch.budget_epochs(result) == 6 + (4 * 0.5 + 2) + (3 * 0.5 + 3)
+    result["config"]["finetune"] = [1]
+    assert scratch.budget_epochs(result) == 6 + (2 + 1) + (1.5 + 1)

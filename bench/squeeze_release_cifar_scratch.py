@@ -1,0 +1,137 @@
+"""Ablation for the CIFAR-10 cycle: its selected architecture trained from scratch.
+
+    python bench/squeeze_release_cifar_scratch.py --run squeeze_release_cifar_convnext_atto_v5
+        [--data ../shared/datasets/cifar10] [--epochs E] [--seed 0] [--threads 2]
+
+Is the cycle better than training the small network directly? This reads the run's
+``bench/results/<run>.json`` and ``<run>.pt2`` (written by ``bench/squeeze_release_cifar.py``),
+builds a fresh timm ConvNeXt with the compressed model's widths (per-stage stream widths and
+per-block MLP widths, taken from the parameter shapes in the .pt2; plain LayerNorms over the
+kept channels), initialized the way timm initializes it, and trains it with the dense recipe
+(``train_dense``: AdamW, one-cycle, label smoothing, crops and flips) for the epochs the
+selected cycle's model had seen in all: the dense epochs plus every recovery epoch (rolled-back
+steps included) and every fine-tuning epoch up to the selected cycle. ``--epochs`` overrides
+that budget.
+
+Writes ``bench/results/<run>_scratch.json`` (the fields of the cycle's JSON: dataset, model,
+method, dense_params, params, stored, nnz, ratio, nnz_ratio, dense_accuracy, accuracy (test),
+val_accuracy, epochs, seconds, config, git) and ``<run>_scratch.pt2`` (N x 3 x 32 x 32 images
+in [0, 1] -> logits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import git_state  # noqa: E402
+from squeeze_release_cifar import Deployable, _loader, accuracy, load_cifar10, train_dense  # noqa: E402
+from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
+
+
+def budget_epochs(result: dict) -> float:
+    """Epochs the selected cycle's model had seen: dense training, then per cycle up to the
+    selected one every pruning step's recovery (accepted or rolled back) and the fine-tuning."""
+    cfg = result["config"]
+    finetune = cfg["finetune"]
+    epochs = float(cfg["dense_epochs"])
+    for i, record in enumerate(result["history"][: result["selected_cycle"] + 1]):
+        epochs += (record["prune_steps"] + record["rollbacks"]) * cfg["recovery"]
+        epochs += finetune[i] if len(finetune) > 1 else finetune[0]
+    return epochs
+
+
+def narrow_convnext(model_name: str, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """A fresh timm ConvNeXt (conv MLP) whose every parameter has the shape ``shapes`` names
+    (qualname -> shape, as in the compressed model), timm's initialization throughout."""
+    import timm
+    from timm.models.convnext import _init_weights
+
+    def width(name):
+        if name not in shapes:
+            raise SystemExit(f"{name} not in the compressed model's parameters: not a timm ConvNeXt compressed by srfx?")
+        return shapes[name][0]
+
+    stages = sorted({int(m.group(1)) for n in shapes if (m := re.match(r"stages\.(\d+)\.", n))})
+    dims = tuple(width(f"stages.{s}.blocks.0.conv_dw.weight") for s in stages)
+    model = timm.create_model(model_name, pretrained=False, num_classes=shapes["head.fc.weight"][0], dims=dims)
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and isinstance(module.fc1, nn.Conv2d):
+            hidden, dim = width(f"{name}.fc1.weight"), module.fc1.in_channels
+            module.fc1, module.fc2 = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
+            _init_weights(module.fc1), _init_weights(module.fc2)
+    got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if got != shapes:
+        diff = sorted(set(got.items()) ^ set(shapes.items()))[:6]
+        raise SystemExit(f"could not rebuild the compressed architecture with timm {model_name}: {diff}")
+    return model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="name of a squeeze_release_cifar.py result in bench/results (without .json)")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
+    ap.add_argument("--epochs", type=float, default=None, help="training epochs (default: the selected cycle's budget)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    results = ROOT / "bench" / "results"
+    run_json, run_pt2 = results / f"{args.run}.json", results / f"{args.run}.pt2"
+    for path in (run_json, run_pt2):
+        if not path.exists():
+            raise SystemExit(f"{path} not found: run bench/squeeze_release_cifar.py with --out {args.run} first (it writes both)")
+    cycle = json.loads(run_json.read_text())
+    cfg = cycle["config"]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+
+    program = torch.export.load(str(run_pt2))
+    shapes = {n.removeprefix("model."): tuple(program.state_dict[n].shape) for n in program.graph_signature.parameters}
+    model = narrow_convnext(cycle["model"], shapes)
+    epochs = args.epochs if args.epochs is not None else budget_epochs(cycle)
+    print(f"{cycle['model']} from scratch at the widths of {args.run}: {count_parameters(model)} parameters "
+          f"(the cycle's model: {cycle['stored']}), {epochs:g} epochs", flush=True)
+
+    tx, ty, sx, sy = load_cifar10(args.data)
+    order = np.random.default_rng(0).permutation(len(tx))
+    val_idx, train_idx = order[:5000], order[5000:]
+    if cfg.get("train_subset"):
+        train_idx = train_idx[: cfg["train_subset"]]
+    train = _loader(tx[train_idx], ty[train_idx], cfg["batch"], True, True, seed=args.seed)
+    val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
+    test = _loader(sx, sy, 500, False, False)
+    model = train_dense(model, train, epochs, cfg["lr"])
+    val_acc, test_acc = accuracy(model, val), accuracy(model, test)
+    stored = count_stored(model)
+    result = {
+        "dataset": "cifar10", "model": cycle["model"], "method": f"scratch: the architecture of {args.run}, dense recipe, same epochs",
+        "dense_params": cycle["dense_params"], "params": count_parameters(model), "stored": stored, "nnz": count_nonzero(model),
+        "ratio": cycle["dense_params"] / stored, "nnz_ratio": cycle["dense_params"] / max(1, count_nonzero(model)),
+        "dense_accuracy": cycle["dense_accuracy"], "accuracy": test_acc, "val_accuracy": val_acc,
+        "cycle_accuracy": cycle["accuracy"], "epochs": epochs, "seconds": time.time() - t0,
+        "config": vars(args) | {"data": str(args.data)}, "git": git_state(),
+    }
+    out = results / f"{args.run}_scratch.json"
+    out.write_text(json.dumps(result, indent=2))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(Deployable(model).eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, str(out.with_suffix(".pt2")))
+    print(f"scratch: {result['ratio']:.2f}x at test {test_acc:.4f} (validation {val_acc:.4f}) vs the cycle's {cycle['accuracy']:.4f} "
+          f"and dense {cycle['dense_accuracy']:.4f}; wrote {out.relative_to(ROOT)} and .pt2", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
