@@ -1,7 +1,7 @@
 """Ablation for the CIFAR-10 cycle: its selected architecture trained from scratch.
 
     python bench/squeeze_release_cifar_scratch.py --run squeeze_release_cifar_convnext_atto_v5
-        [--data ../shared/datasets/cifar10] [--epochs E] [--seed 0] [--threads 2]
+        [--data ../shared/datasets/cifar10] [--epochs E] [--full-width] [--seed 0] [--threads 2]
 
 Is the cycle better than training the small network directly? This reads the run's
 ``bench/results/<run>.json`` and ``<run>.pt2`` (written by ``bench/squeeze_release_cifar.py``),
@@ -11,12 +11,14 @@ kept channels), initialized the way timm initializes it, and trains it with the 
 (``train_dense``: AdamW, one-cycle, label smoothing, crops and flips) for the epochs the
 selected cycle's model had seen in all: the dense epochs plus every recovery epoch (rolled-back
 steps included) and every fine-tuning epoch up to the selected cycle. ``--epochs`` overrides
-that budget.
+that budget. ``--full-width`` trains the unpruned model instead, with the same recipe and
+budget: the dense baseline the cycle's model would be compared with had it been given as many
+epochs (the cycle's own baseline has only ``--dense-epochs``).
 
 Writes ``bench/results/<run>_scratch.json`` (the fields of the cycle's JSON: dataset, model,
 method, dense_params, params, stored, nnz, ratio, nnz_ratio, dense_accuracy, accuracy (test),
 val_accuracy, epochs, seconds, config, git) and ``<run>_scratch.pt2`` (N x 3 x 32 x 32 images
-in [0, 1] -> logits).
+in [0, 1] -> logits); with ``--full-width``, ``<run>_dense_budget.json`` and ``.pt2``.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, help="name of a squeeze_release_cifar.py result in bench/results (without .json)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
     ap.add_argument("--epochs", type=float, default=None, help="training epochs (default: the selected cycle's budget)")
+    ap.add_argument("--full-width", action="store_true", help="train the unpruned model instead (a dense baseline at the cycle's budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -97,12 +100,18 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    program = torch.export.load(str(run_pt2))
-    shapes = {n.removeprefix("model."): tuple(program.state_dict[n].shape) for n in program.graph_signature.parameters}
-    model = narrow_convnext(cycle["model"], shapes)
+    if args.full_width:
+        import timm
+
+        model = timm.create_model(cycle["model"], pretrained=False, num_classes=10)
+        name, method = f"{args.run}_dense_budget", f"dense at the budget of {args.run}: the unpruned model, dense recipe, same epochs"
+    else:
+        program = torch.export.load(str(run_pt2))
+        shapes = {n.removeprefix("model."): tuple(program.state_dict[n].shape) for n in program.graph_signature.parameters}
+        model = narrow_convnext(cycle["model"], shapes)
+        name, method = f"{args.run}_scratch", f"scratch: the architecture of {args.run}, dense recipe, same epochs"
     epochs = args.epochs if args.epochs is not None else budget_epochs(cycle)
-    print(f"{cycle['model']} from scratch at the widths of {args.run}: {count_parameters(model)} parameters "
-          f"(the cycle's model: {cycle['stored']}), {epochs:g} epochs", flush=True)
+    print(f"{method}: {count_parameters(model)} parameters (the cycle's model: {cycle['stored']}), {epochs:g} epochs", flush=True)
 
     tx, ty, sx, sy = load_cifar10(args.data)
     order = np.random.default_rng(0).permutation(len(tx))
@@ -116,19 +125,19 @@ def main(argv=None) -> int:
     val_acc, test_acc = accuracy(model, val), accuracy(model, test)
     stored = count_stored(model)
     result = {
-        "dataset": "cifar10", "model": cycle["model"], "method": f"scratch: the architecture of {args.run}, dense recipe, same epochs",
+        "dataset": "cifar10", "model": cycle["model"], "method": method,
         "dense_params": cycle["dense_params"], "params": count_parameters(model), "stored": stored, "nnz": count_nonzero(model),
         "ratio": cycle["dense_params"] / stored, "nnz_ratio": cycle["dense_params"] / max(1, count_nonzero(model)),
         "dense_accuracy": cycle["dense_accuracy"], "accuracy": test_acc, "val_accuracy": val_acc,
         "cycle_accuracy": cycle["accuracy"], "epochs": epochs, "seconds": time.time() - t0,
         "config": vars(args) | {"data": str(args.data)}, "git": git_state(),
     }
-    out = results / f"{args.run}_scratch.json"
+    out = results / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     program = torch.export.export(Deployable(model).eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes={"images": {0: batch}})
     torch.export.save(program, str(out.with_suffix(".pt2")))
-    print(f"scratch: {result['ratio']:.2f}x at test {test_acc:.4f} (validation {val_acc:.4f}) vs the cycle's {cycle['accuracy']:.4f} "
+    print(f"{name}: {result['ratio']:.2f}x at test {test_acc:.4f} (validation {val_acc:.4f}) vs the cycle's {cycle['accuracy']:.4f} "
           f"and dense {cycle['dense_accuracy']:.4f}; wrote {out.relative_to(ROOT)} and .pt2", flush=True)
     return 0
 
