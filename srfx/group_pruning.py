@@ -158,7 +158,11 @@ def taylor_costs(
 
     counted = prunable_parameters(model)
     params = dict(model.named_parameters())
-    names = sorted({name for owned in atoms.slices.values() for name, _, _ in owned})
+    axes: dict[str, set[int]] = defaultdict(set)  # the axes atoms slice, per parameter
+    for owned in atoms.slices.values():
+        for name, axis, _ in owned:
+            axes[name].add(axis)
+    names = sorted(axes)
     saved_grads = {n: params[n].grad for n in names}
     was_training = model.training
     sums: dict[int, list[float]] = defaultdict(list)
@@ -172,7 +176,7 @@ def taylor_costs(
             for n in names:
                 g = params[n].grad
                 wg = torch.zeros_like(params[n]) if g is None else params[n].detach() * g
-                for axis in range(wg.dim()):
+                for axis in axes[n]:
                     others = tuple(a for a in range(wg.dim()) if a != axis)
                     per_axis[n, axis] = (wg.sum(others) if others else wg).double().numpy()
             for atom, owned in atoms.slices.items():
