@@ -46,7 +46,8 @@ Options:
 
 Writes ``bench/results/<out>.json`` (dataset, model, method, dense_params, params, stored, nnz,
 ratio = dense_params / stored, nnz_ratio, dense_accuracy and accuracy (test), dense_val_accuracy,
-selected_cycle (0-based index into history), seconds, config, history) and ``<out>.pt2``: the
+selected_cycle (0-based index into history), seconds, config, history, curve: every cycle's
+ratio, validation and test accuracy, the test column reported only) and ``<out>.pt2``: the
 compressed model behind the normalization, exported with torch.export, taking N x 3 x 32 x 32
 float32 images in [0, 1] (any N) and returning logits.
 """
@@ -259,6 +260,11 @@ def main(argv=None) -> int:
     print(driver.table(), flush=True)
     cycle, small = driver.best(args.tolerance if args.select_tolerance is None else args.select_tolerance)
     test_acc = accuracy(small, test)
+    curve = []  # every cycle's model on the test set too: reported, never used to select
+    for record, cycle_model in zip(driver.history, driver.models):
+        curve.append({"cycle": record.cycle, "stored": record.stored, "ratio": dense_params / record.stored,
+                      "val_accuracy": record.accuracy, "test_accuracy": accuracy(cycle_model, test)})
+        print(f"cycle {record.cycle}: {curve[-1]['ratio']:.2f}x, validation {record.accuracy:.4f}, test {curve[-1]['test_accuracy']:.4f}", flush=True)
     stored = count_stored(small)
     result = {
         "dataset": "cifar10", "model": args.model, "method": "squeeze-release (group pruning)",
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
         "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
         "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
         "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data), "dense_cache": str(args.dense_cache) if args.dense_cache else None},
-        "history": [r.as_dict() for r in driver.history], "git": git_state(),
+        "history": [r.as_dict() for r in driver.history], "curve": curve, "git": git_state(),
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=2))
