@@ -163,14 +163,14 @@ def taylor_costs(
         for name, axis, _ in owned:
             axes[name].add(axis)
     names = sorted(axes)
-    saved_grads = {n: params[n].grad for n in names}
+    saved_grads = {n: p.grad for n, p in params.items()}  # backward reaches every parameter
     was_training = model.training
     sums: dict[int, list[float]] = defaultdict(list)
     model.eval()
     try:
         for x, y in batches:
-            for n in names:
-                params[n].grad = None
+            for p in params.values():
+                p.grad = None
             loss(model(x), y).backward()
             per_axis: dict[tuple[str, int], np.ndarray] = {}
             for n in names:
@@ -182,8 +182,8 @@ def taylor_costs(
             for atom, owned in atoms.slices.items():
                 sums[atom].append(float(sum(per_axis[n, axis][index] for n, axis, index in owned)))
     finally:
-        for n in names:
-            params[n].grad = saved_grads[n]
+        for n, p in params.items():
+            p.grad = saved_grads[n]
         model.train(was_training)
     costs = {}
     for atom, owned in atoms.slices.items():
