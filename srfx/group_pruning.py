@@ -152,7 +152,8 @@ def taylor_costs(
     mean square over ``batches`` is the estimate (a converged model's mean gradient is near
     zero; the per-batch spread is not: Molchanov et al. 2019). Dividing by the weights freed
     makes a cheap-looking channel of a narrow stage, which frees little, cost what it is worth.
-    The model is evaluated in eval mode (no dropout, fixed norm statistics) and its gradients
+    The model is evaluated in eval mode (no dropout, fixed norm statistics), frozen parameters
+    included (``requires_grad`` is switched on for the measurement), and its gradients, flags
     and mode are left as they were."""
     from srfx.passes.mask import prunable_parameters
 
@@ -165,13 +166,17 @@ def taylor_costs(
     names = sorted(axes)
     saved_grads = {n: p.grad for n, p in params.items()}  # backward reaches every parameter
     was_training = model.training
+    frozen = [n for n in names if not params[n].requires_grad]  # a frozen slice still costs what it computes
     sums: dict[int, list[float]] = defaultdict(list)
     model.eval()
+    for n in frozen:
+        params[n].requires_grad_(True)
     try:
         for x, y in batches:
             for p in params.values():
                 p.grad = None
-            loss(model(x), y).backward()
+            with torch.enable_grad():
+                loss(model(x), y).backward()
             per_axis: dict[tuple[str, int], np.ndarray] = {}
             for n in names:
                 g = params[n].grad
@@ -184,6 +189,8 @@ def taylor_costs(
     finally:
         for n, p in params.items():
             p.grad = saved_grads[n]
+        for n in frozen:
+            params[n].requires_grad_(False)
         model.train(was_training)
     costs = {}
     for atom, owned in atoms.slices.items():

@@ -151,3 +151,21 @@ def test_loss_measured_costs_keep_the_unit_the_loss_needs():
 def test_group_pruner_wants_loss_and_batches_together():
     with pytest.raises(ValueError, match="loss and batches together"):
         group_pruner(torch.randn(1, 4), loss=nn.functional.mse_loss)
+
+
+def test_taylor_costs_see_frozen_parameters():
+    """A frozen layer's units cost what they compute: the costs with requires_grad off are the
+    costs with it on, under no_grad too, and the flags come back as they were."""
+    from srfx.group_pruning import atom_table, taylor_costs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    atoms = atom_table(model, x[:1])
+    live = taylor_costs(model, atoms, nn.functional.cross_entropy, [(x, y)])
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        frozen = taylor_costs(model, atoms, nn.functional.cross_entropy, [(x, y)])
+    assert frozen == pytest.approx(live, rel=1e-6)
+    assert not any(p.requires_grad for p in model[0].parameters()) and all(p.requires_grad for p in model[2].parameters())
