@@ -174,6 +174,18 @@ def train_dense(model, loader, epochs, lr):
     return model.eval()
 
 
+def dense_cache_key(model: str, dense_epochs: float, seed: int, lr: float, batch: int, train_subset: int) -> dict:
+    """What a ``--dense-cache`` file must have been trained with to stand in for dense training."""
+    return {"model": model, "dense_epochs": dense_epochs, "seed": seed, "lr": lr, "batch": batch, "train_subset": train_subset}
+
+
+def save_dense_cache(path: Path, key: dict, model: nn.Module, loader) -> None:
+    """The trained dense model with the torch RNG state and the loader's epoch after training,
+    so that a run from the file continues exactly like one that trained."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "state_dict": model.state_dict(), "rng": torch.get_rng_state(), "loader_epoch": loader.epoch}, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
@@ -217,8 +229,7 @@ def main(argv=None) -> int:
 
     model = timm.create_model(args.model, pretrained=False, num_classes=10)
     dense_params = count_parameters(model)
-    cache_key = {"model": args.model, "dense_epochs": args.dense_epochs, "seed": args.seed, "lr": args.lr,
-                 "batch": args.batch, "train_subset": args.train_subset}
+    cache_key = dense_cache_key(args.model, args.dense_epochs, args.seed, args.lr, args.batch, args.train_subset)
     if args.dense_cache is not None and args.dense_cache.exists():
         cached = torch.load(args.dense_cache, map_location="cpu", weights_only=False)
         stored_key = cached.get("key", {}) if isinstance(cached, dict) else {}
@@ -234,8 +245,7 @@ def main(argv=None) -> int:
     else:
         model = train_dense(model, train, args.dense_epochs, args.lr)
         if args.dense_cache is not None:
-            args.dense_cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": cache_key, "state_dict": model.state_dict(), "rng": torch.get_rng_state(), "loader_epoch": train.epoch}, args.dense_cache)
+            save_dense_cache(args.dense_cache, cache_key, model, train)
             print(f"dense model saved to {args.dense_cache}", flush=True)
     dense_val, dense_test = accuracy(model, val), accuracy(model, test)
     print(f"dense {args.model}: {dense_params} parameters, validation {dense_val:.4f}, test {dense_test:.4f} ({time.time() - t0:.0f} s)", flush=True)

@@ -13,7 +13,10 @@ selected cycle's model had seen in all: the dense epochs plus every recovery epo
 steps included) and every fine-tuning epoch up to the selected cycle. ``--epochs`` overrides
 that budget. ``--full-width`` trains the unpruned model instead, with the same recipe and
 budget: the dense baseline the cycle's model would be compared with had it been given as many
-epochs (the cycle's own baseline has only ``--dense-epochs``).
+epochs (the cycle's own baseline has only ``--dense-epochs``). ``--save-dense-cache PATH`` then
+saves it in the ``--dense-cache`` format of ``squeeze_release_cifar.py``: seed, recipe and data
+order are the same, so it is the model that script trains with ``--dense-epochs`` set to the
+budget (bit for bit at the same ``--threads``), and a cycle can start from it.
 
 Writes ``bench/results/<run>_scratch.json`` (the fields of the cycle's JSON: dataset, model,
 method, dense_params, params, stored, nnz, ratio, nnz_ratio, dense_accuracy, accuracy (test),
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import git_state  # noqa: E402
-from squeeze_release_cifar import Deployable, _loader, accuracy, load_cifar10, train_dense  # noqa: E402
+from squeeze_release_cifar import Deployable, _loader, accuracy, dense_cache_key, load_cifar10, save_dense_cache, train_dense  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
 
 
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
     ap.add_argument("--epochs", type=float, default=None, help="training epochs (default: the selected cycle's budget)")
     ap.add_argument("--full-width", action="store_true", help="train the unpruned model instead (a dense baseline at the cycle's budget)")
+    ap.add_argument("--save-dense-cache", type=Path, default=None, metavar="PATH",
+                    help="with --full-width: save the trained model as a --dense-cache file for squeeze_release_cifar.py --dense-epochs E (the same model it would train)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -122,6 +127,10 @@ def main(argv=None) -> int:
     val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
     test = _loader(sx, sy, 500, False, False)
     model = train_dense(model, train, epochs, cfg["lr"])
+    if args.full_width and args.save_dense_cache is not None:
+        key = dense_cache_key(cycle["model"], epochs, args.seed, cfg["lr"], cfg["batch"], cfg.get("train_subset", 0))
+        save_dense_cache(args.save_dense_cache, key, model, train)
+        print(f"dense model saved to {args.save_dense_cache} (use with --dense-epochs {epochs:g})", flush=True)
     val_acc, test_acc = accuracy(model, val), accuracy(model, test)
     stored = count_stored(model)
     result = {
@@ -130,7 +139,7 @@ def main(argv=None) -> int:
         "ratio": cycle["dense_params"] / stored, "nnz_ratio": cycle["dense_params"] / max(1, count_nonzero(model)),
         "dense_accuracy": cycle["dense_accuracy"], "accuracy": test_acc, "val_accuracy": val_acc,
         "cycle_accuracy": cycle["accuracy"], "epochs": epochs, "seconds": time.time() - t0,
-        "config": vars(args) | {"data": str(args.data)}, "git": git_state(),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "git": git_state(),
     }
     out = results / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
