@@ -192,6 +192,8 @@ def taylor_costs(
         for n in frozen:
             params[n].requires_grad_(False)
         model.train(was_training)
+    if atoms.slices and not any(sums.values()):
+        raise ValueError("taylor_costs: no batches to measure the loss on")
     costs = {}
     for atom, owned in atoms.slices.items():
         freed = sum(int((counted[n].detach().select(axis, index) != 0).sum()) for n, axis, index in owned if n in counted)
@@ -213,6 +215,8 @@ def group_pruner(
     if (loss is None) != (batches is None):
         raise ValueError("group_pruner: pass loss and batches together (loss-measured costs) or neither (weight size)")
     batches = list(batches) if batches is not None else None
+    if batches is not None and not batches:
+        raise ValueError("group_pruner: batches is empty; loss-measured costs need at least one (input, target) batch")
     cache: dict = {}
 
     def prune(model: nn.Module, sparsity: float, masks: dict) -> dict:

@@ -148,9 +148,16 @@ def test_loss_measured_costs_keep_the_unit_the_loss_needs():
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
 
 
-def test_group_pruner_wants_loss_and_batches_together():
+def test_group_pruner_wants_loss_and_batches_together_and_some_batches():
     with pytest.raises(ValueError, match="loss and batches together"):
         group_pruner(torch.randn(1, 4), loss=nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="batches is empty"):  # else every cost is unknown: nothing would be pruned
+        group_pruner(torch.randn(1, 4), loss=nn.functional.mse_loss, batches=iter([]))
+    from srfx.group_pruning import atom_table, taylor_costs
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="no batches"):
+        taylor_costs(model, atom_table(model, torch.randn(1, 4)), nn.functional.mse_loss, [])
 
 
 def test_taylor_costs_see_frozen_parameters():
