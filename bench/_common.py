@@ -196,3 +196,13 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
 
 
 from srfx.testing import kill_channels  # noqa: E402,F401  (kept importable as C.kill_channels)
+
+
+def export_dynamic_batch(wrapped, example, path) -> None:
+    """torch.export ``wrapped`` (taking one ``images`` batch like ``example``) with a dynamic
+    batch dimension and save it to ``path``: the benches' deployable .pt2 files."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(wrapped, (example,), dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, str(path))

@@ -59,6 +59,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # _common, also when imported from elsewhere (tests)
 
-from _common import git_state  # noqa: E402
+from _common import export_dynamic_batch, git_state  # noqa: E402
 from srfx.cycle import Schedule, SqueezeRelease  # noqa: E402
 from srfx.group_pruning import group_pruner  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
@@ -145,6 +146,38 @@ def _loader(x, y, batch, shuffle, augment, seed=0):
     return _Batches()
 
 
+class CifarData(NamedTuple):
+    """The loaders of the fixed split (5,000 validation images, seed 0) and the training images."""
+
+    train: Any
+    val: Any
+    test: Any
+    train_x: np.ndarray
+    train_y: np.ndarray
+    n_val: int
+    n_test: int
+
+
+def cifar_data(folder: Path, batch: int, train_subset: int, seed: int) -> CifarData:
+    """CIFAR-10 from ``folder``: augmented, shuffled training batches (data order ``seed``;
+    ``train_subset``: the first N training images only, 0 for all), unaugmented validation
+    and test batches of 500."""
+    tx, ty, sx, sy = load_cifar10(folder)
+    order = np.random.default_rng(0).permutation(len(tx))
+    val_idx, train_idx = order[:5000], order[5000:]
+    if train_subset:
+        train_idx = train_idx[:train_subset]
+    train = _loader(tx[train_idx], ty[train_idx], batch, True, True, seed=seed)
+    val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
+    test = _loader(sx, sy, 500, False, False)
+    return CifarData(train, val, test, tx[train_idx], ty[train_idx], len(val_idx), len(sx))
+
+
+def export_pt2(model: nn.Module, path: Path) -> None:
+    """``Deployable(model)`` as a .pt2 taking N x 3 x 32 x 32 images in [0, 1] (any N)."""
+    export_dynamic_batch(Deployable(model).eval(), torch.rand(2, 3, 32, 32), path)
+
+
 def accuracy(model: nn.Module, loader) -> float:
     model.eval()
     correct = total = 0
@@ -217,15 +250,9 @@ def main(argv=None) -> int:
     import timm
 
     t0 = time.time()
-    tx, ty, sx, sy = load_cifar10(args.data)
-    order = np.random.default_rng(0).permutation(len(tx))
-    val_idx, train_idx = order[:5000], order[5000:]
-    if args.train_subset:
-        train_idx = train_idx[: args.train_subset]
-    train = _loader(tx[train_idx], ty[train_idx], args.batch, True, True, seed=args.seed)
-    val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
-    test = _loader(sx, sy, 500, False, False)
-    print(f"data: {len(train_idx)} train, {len(val_idx)} validation, {len(sx)} test ({time.time() - t0:.0f} s)", flush=True)
+    data = cifar_data(args.data, args.batch, args.train_subset, args.seed)
+    train, val, test = data.train, data.val, data.test
+    print(f"data: {len(data.train_x)} train, {data.n_val} validation, {data.n_test} test ({time.time() - t0:.0f} s)", flush=True)
 
     model = timm.create_model(args.model, pretrained=False, num_classes=10)
     dense_params = count_parameters(model)
@@ -258,8 +285,8 @@ def main(argv=None) -> int:
         max_prune_steps=args.max_prune_steps, reference_accuracy=dense_val,
     )
     if args.scores == "taylor":
-        calib = train_idx[: args.calibration]
-        pruner = group_pruner(example, loss=F.cross_entropy, batches=list(_loader(tx[calib], ty[calib], 256, False, False)))
+        n = args.calibration
+        pruner = group_pruner(example, loss=F.cross_entropy, batches=list(_loader(data.train_x[:n], data.train_y[:n], 256, False, False)))
     else:
         pruner = group_pruner(example)
     driver = SqueezeRelease.supervised(
@@ -286,10 +313,7 @@ def main(argv=None) -> int:
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=2))
-    wrapped = Deployable(small).eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(wrapped, (torch.rand(2, 3, 32, 32),), dynamic_shapes={"images": {0: batch}})
-    torch.export.save(program, str(out.with_suffix(".pt2")))
+    export_pt2(small, out.with_suffix(".pt2"))
     print(f"{args.model}: {result['ratio']:.2f}x deployable ({result['nnz_ratio']:.1f}x nonzeros) at test {test_acc:.4f} "
           f"vs dense {dense_test:.4f}; wrote {out.relative_to(ROOT)} and .pt2", flush=True)
     return 0

@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import git_state  # noqa: E402
-from squeeze_release_cifar import Deployable, _loader, accuracy, dense_cache_key, load_cifar10, save_dense_cache, train_dense  # noqa: E402
+from squeeze_release_cifar import accuracy, cifar_data, dense_cache_key, export_pt2, save_dense_cache, train_dense  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
 
 
@@ -118,14 +117,8 @@ def main(argv=None) -> int:
     epochs = args.epochs if args.epochs is not None else budget_epochs(cycle)
     print(f"{method}: {count_parameters(model)} parameters (the cycle's model: {cycle['stored']}), {epochs:g} epochs", flush=True)
 
-    tx, ty, sx, sy = load_cifar10(args.data)
-    order = np.random.default_rng(0).permutation(len(tx))
-    val_idx, train_idx = order[:5000], order[5000:]
-    if cfg.get("train_subset"):
-        train_idx = train_idx[: cfg["train_subset"]]
-    train = _loader(tx[train_idx], ty[train_idx], cfg["batch"], True, True, seed=args.seed)
-    val = _loader(tx[val_idx], ty[val_idx], 500, False, False)
-    test = _loader(sx, sy, 500, False, False)
+    data = cifar_data(args.data, cfg["batch"], cfg.get("train_subset", 0), args.seed)
+    train, val, test = data.train, data.val, data.test
     model = train_dense(model, train, epochs, cfg["lr"])
     if args.full_width and args.save_dense_cache is not None:
         key = dense_cache_key(cycle["model"], epochs, args.seed, cfg["lr"], cfg["batch"], cfg.get("train_subset", 0))
@@ -143,9 +136,7 @@ def main(argv=None) -> int:
     }
     out = results / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(Deployable(model).eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes={"images": {0: batch}})
-    torch.export.save(program, str(out.with_suffix(".pt2")))
+    export_pt2(model, out.with_suffix(".pt2"))
     print(f"{name}: {result['ratio']:.2f}x at test {test_acc:.4f} (validation {val_acc:.4f}) vs the cycle's {cycle['accuracy']:.4f} "
           f"and dense {cycle['dense_accuracy']:.4f}; wrote {out.relative_to(ROOT)} and .pt2", flush=True)
     return 0

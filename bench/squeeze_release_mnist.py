@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # _common, also when imported from elsewhere (tests)
 
 import srfx  # noqa: E402
-from _common import git_state  # noqa: E402
+from _common import export_dynamic_batch, git_state  # noqa: E402
 from srfx.cycle import ReleaseSettings, Schedule, SqueezeRelease, SupervisedLoop, TensorBatches, sparsity_of, unit_pruner  # noqa: E402
 from srfx.supervised import distillation_loss  # noqa: E402
 from srfx.passes import apply_masks, magnitude_masks  # noqa: E402
@@ -166,11 +166,7 @@ class Deployable(nn.Module):
 
 def export_pt2(model: nn.Module, path: Path, image_shape=(1, 28, 28), mean: float = MEAN, std: float = STD) -> None:
     """torch.export ``Deployable(model)`` with a dynamic batch dimension to ``path``."""
-    wrapped = Deployable(model.eval(), mean, std).eval()
-    example = torch.rand(4, *image_shape)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(wrapped, (example,), dynamic_shapes={"images": {0: batch}})
-    torch.export.save(program, str(path))
+    export_dynamic_batch(Deployable(model.eval(), mean, std).eval(), torch.rand(4, *image_shape), path)
 
 
 def widths_of(model: nn.Module) -> list[int]:
