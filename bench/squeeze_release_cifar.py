@@ -4,7 +4,7 @@
         [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycles 3] [--sparsity 0.5 0.7 0.8]
         [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--select-tolerance T] [--prune-rate 0.5] [--min-rate 0.03125]
         [--max-prune-steps 30] [--optimizer-state rebuild] [--scores relative] [--calibration 2048]
-        [--train-subset N] [--batch 128]
+        [--distill 0] [--temperature 4] [--cycle-lr LR] [--train-subset N] [--batch 128]
         [--lr 2e-3] [--threads 2] [--out squeeze_release_cifar]
 
 A laptop-CPU budget by default (convnext_atto, a few epochs): the dense baseline is far from a
@@ -36,7 +36,10 @@ Options:
   ``--max-prune-steps`` (accepted steps plus rollbacks per cycle), ``--optimizer-state``
   (``rebuild``: a fresh optimizer after each release; ``slice``: AdamW's state sliced to the
   kept channels): passed to :meth:`srfx.cycle.SqueezeRelease.supervised`, which trains with
-  AdamW at ``--lr`` / 4 and a cosine learning rate per call.
+  AdamW at ``--cycle-lr`` (default ``--lr`` / 4) and a cosine learning rate per call.
+* ``--distill W``: the cycle's loss is ``(1 - W) * cross-entropy + W * T**2 * KL`` to the dense
+  model's softmax at temperature ``--temperature`` (the dense model is the teacher, on the same
+  augmented images); 0 (default): cross-entropy only.
 * ``--scores``: how the group pruner ranks channels. ``relative``: weight RMS relative to the
   channel's group; ``taylor``: :func:`srfx.group_pruning.taylor_costs`, the first-order loss
   cost per weight freed, measured with cross-entropy on the first ``--calibration`` training
@@ -239,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer-state", choices=["rebuild", "slice"], default="rebuild", help="after a release: fresh optimizer or sliced state")
     ap.add_argument("--scores", choices=["relative", "taylor"], default="relative", help="group pruner's channel ranking (see above)")
     ap.add_argument("--calibration", type=int, default=2048, help="training images the taylor scores are measured on")
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model in the cycle's loss (0: none)")
+    ap.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    ap.add_argument("--cycle-lr", type=float, default=None, help="the cycle's AdamW learning rate (default: --lr / 4)")
     ap.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -289,8 +295,10 @@ def main(argv=None) -> int:
         pruner = group_pruner(example, loss=F.cross_entropy, batches=list(_loader(data.train_x[:n], data.train_y[:n], 256, False, False)))
     else:
         pruner = group_pruner(example)
+    teacher = model if args.distill > 0 else None  # the driver trains its own copy; this one stays dense
     driver = SqueezeRelease.supervised(
-        model, example, train, val, lr=args.lr / 4, optimizer=torch.optim.AdamW, lr_schedule="cosine",
+        model, example, train, val, lr=args.lr / 4 if args.cycle_lr is None else args.cycle_lr, optimizer=torch.optim.AdamW,
+        lr_schedule="cosine", teacher=teacher, distill=args.distill, temperature=args.temperature,
         schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state,
     )
     small = driver.run()
