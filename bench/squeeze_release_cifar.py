@@ -81,29 +81,39 @@ from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
+def _cifar_parts(folder: Path, split: str) -> list[Path]:
+    parts = sorted(Path(folder).glob(f"{split}_part*.npz"))
+    if not parts:
+        raise SystemExit(
+            f"CIFAR-10 not found in {folder}: expected {split}_part*.npz (JPEG parts with "
+            "'jpeg', 'offsets', 'y'). Pass --data; the originals are at https://www.cs.toronto.edu/~kriz/cifar.html"
+        )
+    return parts
+
+
+def _decode_cifar_parts(parts: list[Path]):
+    """uint8 N x 32 x 32 x 3 images and int64 labels from JPEG parts."""
+    from PIL import Image
+
+    xs, ys = [], []
+    for part in parts:
+        with np.load(part) as z:
+            jpeg, offsets = z["jpeg"], z["offsets"]
+            xs += [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")) for i in range(len(offsets) - 1)]
+            ys.append(z["y"].astype(np.int64))
+    return np.stack(xs), np.concatenate(ys)
+
+
 def load_cifar10(folder: Path):
     """(train_x, train_y, test_x, test_y) as uint8 N x 32 x 32 x 3 and int64 labels, decoded from
     the JPEG parts in ``folder`` (see ../shared/datasets/README.md). Missing files are named."""
-    from PIL import Image
+    train, test = _cifar_parts(folder, "train"), _cifar_parts(folder, "test")
+    return (*_decode_cifar_parts(train), *_decode_cifar_parts(test))
 
-    train = sorted(folder.glob("train_part*.npz"))
-    test = sorted(folder.glob("test_part*.npz"))
-    if not train or not test:
-        raise SystemExit(
-            f"CIFAR-10 not found in {folder}: expected train_part*.npz and test_part*.npz (JPEG parts with "
-            "'jpeg', 'offsets', 'y'). Pass --data; the originals are at https://www.cs.toronto.edu/~kriz/cifar.html"
-        )
 
-    def decode(parts):
-        xs, ys = [], []
-        for part in parts:
-            with np.load(part) as z:
-                jpeg, offsets = z["jpeg"], z["offsets"]
-                xs += [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")) for i in range(len(offsets) - 1)]
-                ys.append(z["y"].astype(np.int64))
-        return np.stack(xs), np.concatenate(ys)
-
-    return (*decode(train), *decode(test))
+def load_cifar10_test(folder: Path):
+    """(test_x, test_y) only: what evaluating a published model needs."""
+    return _decode_cifar_parts(_cifar_parts(folder, "test"))
 
 
 class Deployable(nn.Module):
