@@ -154,8 +154,10 @@ def taylor_costs(
     makes a cheap-looking channel of a narrow stage, which frees little, cost what it is worth.
     The model is evaluated in eval mode (no dropout, fixed norm statistics), frozen parameters
     included (``requires_grad`` is switched on for the measurement), and its gradients, flags
-    and mode are left as they were."""
+    and mode are left as they were. A batch's inputs are one tensor, or a tuple/list of the
+    model's positional inputs (as for :func:`srfx.compress`)."""
     from srfx.passes.mask import prunable_parameters
+    from srfx.tracing import normalize_inputs
 
     counted = prunable_parameters(model)
     params = dict(model.named_parameters())
@@ -176,7 +178,7 @@ def taylor_costs(
             for p in params.values():
                 p.grad = None
             with torch.enable_grad():
-                loss(model(x), y).backward()
+                loss(model(*normalize_inputs(x)), y).backward()
             per_axis: dict[tuple[str, int], np.ndarray] = {}
             for n in names:
                 g = params[n].grad

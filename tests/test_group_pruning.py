@@ -176,3 +176,37 @@ def test_taylor_costs_see_frozen_parameters():
         frozen = taylor_costs(model, atoms, nn.functional.cross_entropy, [(x, y)])
     assert frozen == pytest.approx(live, rel=1e-6)
     assert not any(p.requires_grad for p in model[0].parameters()) and all(p.requires_grad for p in model[2].parameters())
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x, z):
+        return self.head(torch.relu(self.a(x) + self.b(z)))
+
+
+def test_taylor_costs_take_a_tuple_of_positional_inputs():
+    """A batch's inputs as a tuple are the model's positional inputs, as for compress: the
+    costs equal those of the same model wrapped to take one concatenated tensor."""
+    from srfx.group_pruning import Atoms, atom_table, taylor_costs
+
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    x, z, y = torch.randn(16, 4), torch.randn(16, 3), torch.randint(0, 2, (16,))
+    atoms = atom_table(model, (x[:1], z[:1]))
+    costs = taylor_costs(model, atoms, nn.functional.cross_entropy, [((x, z), y)])
+    assert costs and all(c >= 0 for c in costs.values())
+
+    class Joined(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xz):
+            return self.inner(xz[:, :4], xz[:, 4:])
+
+    joined = Joined(model)
+    renamed = Atoms({a: [("inner." + n, ax, i) for n, ax, i in owned] for a, owned in atoms.slices.items()}, atoms.group)
+    assert taylor_costs(joined, renamed, nn.functional.cross_entropy, [(torch.cat([x, z], 1), y)]) == pytest.approx(costs, rel=1e-6)
