@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class _CachedDis:
         return getattr(self._real, name)
 
 
+# fx patches torch.nn.Module.__call__ (and swaps ``dis``) process-wide while it traces, so two
+# traces in different threads would record each other's calls: srfx runs its traces one at a
+# time (re-entrant for a trace started inside another, in the same thread).
+_TRACE_LOCK = threading.RLock()
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` with constant-time parameter lookups.
 
@@ -121,13 +128,14 @@ class _Tracer(fx.Tracer):
         else:
             self._params, self._buffers = {}, {}
         proxy_module = torch.fx.proxy
-        real_dis = proxy_module.dis
-        proxy_module.dis = _CachedDis(real_dis)
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            proxy_module.dis = real_dis
-            self._params, self._buffers = {}, {}
+        with _TRACE_LOCK:
+            real_dis = proxy_module.dis
+            proxy_module.dis = _CachedDis(real_dis)
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                proxy_module.dis = real_dis
+                self._params, self._buffers = {}, {}
 
     def _name_of(self, value: Any) -> str | None:
         if isinstance(value, torch.nn.Parameter):

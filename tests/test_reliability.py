@@ -253,3 +253,51 @@ def test_convs_kept_only_because_torch_needs_a_channel_stay_idempotent():
     twice = srfx.compress(once, x)
     assert once.meta["srfx_report"].params_after == twice.meta["srfx_report"].params_after
     assert torch.allclose(model(x), once(x))
+
+
+def test_traces_in_two_threads_do_not_record_each_other():
+    """fx patches ``nn.Module.__call__`` process-wide while it traces: a second thread's trace
+    started while the first is inside forward must wait for it, not record into it (it
+    failed with "module is not installed as a submodule"). torch.fx's ``dis`` is fx's own
+    afterwards and both graphs are right."""
+    import threading
+    import time
+
+    import torch.fx.proxy as fx_proxy
+
+    from srfx.tracing import trace
+
+    original_dis = fx_proxy.dis
+    inside, go = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):
+        def __init__(self, wait):
+            super().__init__()
+            self.wait, self.lin = wait, nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.wait and isinstance(x, torch.fx.Proxy):
+                inside.set()
+                assert go.wait(30)
+            return self.lin(x).relu()
+
+    results, errors = {}, {}
+
+    def run(k):
+        try:
+            results[k] = trace(Waits(k == 0), torch.randn(2, 4))
+        except Exception as e:  # reported below
+            errors[k] = e
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    threads[0].start()
+    assert inside.wait(30)
+    threads[1].start()
+    time.sleep(0.5)  # the second trace reaches fx while the first is still inside forward
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert fx_proxy.dis is original_dis
+    for traced in results.values():
+        assert [n.op for n in traced.graph_module.graph.nodes] == ["placeholder", "call_module", "call_method", "output"]
