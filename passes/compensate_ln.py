@@ -39,9 +39,11 @@ def _rows_kept(plan: Plan, weight: str) -> torch.Tensor:
     return torch.as_tensor(plan.keep(dim.id), dtype=torch.long)
 
 
-def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: dict, gm: fx.GraphModule, prior_norm, emit=None):
-    """Per reader: its compensated weight and bias (rows as minimize left them). A norm that
-    was compensated before (``prior_norm``) adds the new removals to the u/v columns it has."""
+def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: dict, gm: fx.GraphModule, prior_norm):
+    """Per reader: its compensated weight and bias (rows as minimize left them), reading the
+    u / v columns it needs itself (:meth:`ReaderCompensation.with_emit` aligns the readers of
+    one norm). A norm that was compensated before (``prior_norm``) adds the new removals to the
+    u/v columns it has."""
     gamma = original[site.weight] if site.weight else None
     beta = original[site.bias] if site.bias else None
     out = []
@@ -57,7 +59,7 @@ def _reader_columns(plan: Plan, site: NormSite, keep: torch.Tensor, original: di
                     k += 1
             w, prior = w[:, : prior_norm.kept], (columns.get("emit_u"), columns.get("emit_v"), columns.get("emit_one"))
         bias_now = _attrs.get(gm, role.bias) if role.bias else None
-        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, emit=emit, prior=prior, one=_emits_one(site, prior_norm))
+        comp = compensate_reader(w, bias_now, gamma, beta, keep, site.constants, centered=site.centered, prior=prior, one=_emits_one(site, prior_norm))
         out.append((role, comp))
     return out
 
@@ -163,13 +165,13 @@ def compensate_ln(gm: fx.GraphModule, plan: Plan) -> PassResult:
     for i, site in enumerate(plan.compensations):
         keep = torch.as_tensor(plan.keep(site.in_dim), dtype=torch.long)
         prior = plan.coupling.graph_module.get_submodule(nodes[site.node].target) if site.compensated else None
-        first = _reader_columns(plan, site, keep, original, gm, prior)
-        if site.readers:
-            emit_u = any(c.emit_u for _, c in first)
-            emit_v = any(c.emit_v for _, c in first)
+        own = _reader_columns(plan, site, keep, original, gm, prior)
+        if site.readers:  # the norm emits a column when any reader needs it; all then read it
+            emit_u = any(c.emit_u for _, c in own)
+            emit_v = any(c.emit_v for _, c in own)
         else:  # nobody absorbs: only gamma = 0 channels went, the emitted channels stay as they were
             emit_u, emit_v = (prior.emit_u, prior.emit_v) if prior is not None else (False, False)
-        readers = _reader_columns(plan, site, keep, original, gm, prior, emit=(emit_u, emit_v))
+        readers = [(role, comp.with_emit(emit_u, emit_v)) for role, comp in own]
         gamma = original[site.weight] if site.weight else None
         beta = original[site.bias] if site.bias else None
         norm = _narrowed(plan, site, keep, gamma, beta, emit_u, emit_v, prior)

@@ -7,7 +7,7 @@ linear reader can still see them: the module appends u and/or v as extra channel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -117,12 +117,25 @@ class CompensatedLayerNorm(nn.Module):
 
 @dataclass(frozen=True)
 class ReaderCompensation:
-    """New weight (kept columns, then u and v columns as emitted) and bias of a linear reader."""
+    """New weight (kept columns, then u and v columns as emitted) and bias of a linear reader.
+    ``parts`` (float64: kept columns, u, v, ones or None) lets :meth:`with_emit` re-assemble
+    the weight for the columns a shared norm emits without computing them again."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     emit_u: bool
     emit_v: bool
+    parts: tuple = field(default=(), repr=False, compare=False)
+
+    def with_emit(self, emit_u: bool, emit_v: bool) -> "ReaderCompensation":
+        """The same compensation reading the u / v columns exactly when the norm emits them."""
+        return ReaderCompensation(_assembled(self.parts, self.bias.dtype, emit_u, emit_v), self.bias, emit_u, emit_v, self.parts)
+
+
+def _assembled(parts: tuple, dtype: torch.dtype, emit_u: bool, emit_v: bool) -> torch.Tensor:
+    kept, u, v, one = parts
+    cols = [kept] + ([u] if emit_u else []) + ([v] if emit_v else []) + ([one] if one is not None else [])
+    return torch.cat(cols, dim=1).to(dtype)
 
 
 def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0.0, centered: bool = True, emit: Optional[tuple[bool, bool]] = None, prior=(None, None, None), one: bool = False) -> ReaderCompensation:
@@ -166,5 +179,5 @@ def compensate_reader(weight, bias, gamma, beta, keep, constants, tol: float = 0
     new_bias = (bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)) + shift
     emit_u = bool((a.abs() > tol).any()) if emit is None else emit[0]
     emit_v = (centered and bool((v_col.abs() > tol).any())) if emit is None else emit[1]
-    cols = [w64[:, keep]] + ([a] if emit_u else []) + ([v_col] if emit_v else []) + ([one_col] if one else [])
-    return ReaderCompensation(torch.cat(cols, dim=1).to(weight.dtype), new_bias.to(weight.dtype), emit_u, emit_v)
+    parts = (w64[:, keep], a, v_col, one_col)
+    return ReaderCompensation(_assembled(parts, weight.dtype, emit_u, emit_v), new_bias.to(weight.dtype), emit_u, emit_v, parts)

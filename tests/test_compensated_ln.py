@@ -81,3 +81,17 @@ def test_channels_first():
 def test_rejects_bad_sizes():
     with pytest.raises(ValueError):
         CompensatedLayerNorm(5, 4)
+
+
+@pytest.mark.parametrize("one", [False, True])
+@pytest.mark.parametrize("emit", [(False, False), (True, False), (False, True), (True, True)])
+def test_with_emit_is_the_compensation_computed_for_that_emit(emit, one):
+    """Re-assembling a reader for the columns a shared norm emits gives what computing it with
+    ``emit`` gives, bit for bit (compensate_ln computes each reader once and re-assembles)."""
+    norm, reader, keep, constants, _ = _setup(12, 5, False, seed=3, dtype=torch.float32)
+    args = (reader.weight, reader.bias, norm.weight, norm.bias, keep, constants)
+    direct = compensate_reader(*args, emit=emit, one=one)
+    reassembled = compensate_reader(*args, one=one).with_emit(*emit)
+    assert torch.equal(direct.weight, reassembled.weight) and torch.equal(direct.bias, reassembled.bias)
+    assert (direct.emit_u, direct.emit_v) == (reassembled.emit_u, reassembled.emit_v) == emit
+    assert direct.weight.shape[1] == len(keep) + sum(emit) + one
