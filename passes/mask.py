@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from srfx.modes import evaluating
+
 __all__ = ["prunable_parameters", "magnitude_masks", "unit_masks", "unit_score", "mask", "apply_masks", "masks_sparsity"]
 
 Score = Union[str, Callable[[str, torch.Tensor], torch.Tensor]]
@@ -146,15 +148,12 @@ def _input_stats(model: nn.Module, batch: Any, names: dict[str, nn.Module]) -> d
 
     for name, mod in names.items():
         hooks.append(mod.register_forward_pre_hook(hook(name)))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(*batch) if isinstance(batch, tuple) else model(batch)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return stats
 
 

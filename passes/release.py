@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
+from srfx.modes import evaluating
+
 from .mask import prunable_parameters
 
 __all__ = ["release", "ReleaseReport", "TensorRelease"]
@@ -89,13 +91,8 @@ class ReleaseReport:
 def _outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*batch) if isinstance(batch, tuple) else model(batch)
-    finally:
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        out = model(*batch) if isinstance(batch, tuple) else model(batch)
     return [t.detach() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 

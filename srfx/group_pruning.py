@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .api import analyze
 from .facts import ParamKey
+from .modes import evaluating
 
 __all__ = ["group_masks", "group_pruner", "taylor_costs", "atom_slices", "atom_table", "Atoms"]
 
@@ -167,33 +168,31 @@ def taylor_costs(
             axes[name].add(axis)
     names = sorted(axes)
     saved_grads = {n: p.grad for n, p in params.items()}  # backward reaches every parameter
-    was_training = model.training
     frozen = [n for n in names if not params[n].requires_grad]  # a frozen slice still costs what it computes
     sums: dict[int, list[float]] = defaultdict(list)
-    model.eval()
     for n in frozen:
         params[n].requires_grad_(True)
     try:
-        for x, y in batches:
-            for p in params.values():
-                p.grad = None
-            with torch.enable_grad():
-                loss(model(*normalize_inputs(x)), y).backward()
-            per_axis: dict[tuple[str, int], np.ndarray] = {}
-            for n in names:
-                g = params[n].grad
-                wg = torch.zeros_like(params[n]) if g is None else params[n].detach() * g
-                for axis in axes[n]:
-                    others = tuple(a for a in range(wg.dim()) if a != axis)
-                    per_axis[n, axis] = (wg.sum(others) if others else wg).double().numpy()
-            for atom, owned in atoms.slices.items():
-                sums[atom].append(float(sum(per_axis[n, axis][index] for n, axis, index in owned)))
+        with evaluating(model):
+            for x, y in batches:
+                for p in params.values():
+                    p.grad = None
+                with torch.enable_grad():
+                    loss(model(*normalize_inputs(x)), y).backward()
+                per_axis: dict[tuple[str, int], np.ndarray] = {}
+                for n in names:
+                    g = params[n].grad
+                    wg = torch.zeros_like(params[n]) if g is None else params[n].detach() * g
+                    for axis in axes[n]:
+                        others = tuple(a for a in range(wg.dim()) if a != axis)
+                        per_axis[n, axis] = (wg.sum(others) if others else wg).double().numpy()
+                for atom, owned in atoms.slices.items():
+                    sums[atom].append(float(sum(per_axis[n, axis][index] for n, axis, index in owned)))
     finally:
         for n, p in params.items():
             p.grad = saved_grads[n]
         for n in frozen:
             params[n].requires_grad_(False)
-        model.train(was_training)
     if atoms.slices and not any(sums.values()):
         raise ValueError("taylor_costs: no batches to measure the loss on")
     costs = {}

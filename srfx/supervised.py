@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modes import evaluating
+
 __all__ = ["SupervisedLoop", "TensorBatches", "carry_optimizer_state", "distillation_loss"]
 
 
@@ -120,7 +122,8 @@ class SupervisedLoop:
     model's parameters changed (a new module after minimize/release, or new shapes), unless
     :meth:`adopt` carried its state over.
 
-    ``teacher`` (a module, eval mode) adds distillation: ``(1 - distill) * CE + distill * T**2 *
+    ``teacher`` (a module, run in eval mode for each batch and left in the modes it was given)
+    adds distillation: ``(1 - distill) * CE + distill * T**2 *
     KL(softmax(teacher/T) || softmax(student/T))``. ``lr_schedule="cosine"`` anneals the learning
     rate from ``lr`` to 0 within each :meth:`train` call. ``progress=True`` shows a bar per call.
     """
@@ -144,7 +147,7 @@ class SupervisedLoop:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.train_loader, self.val_loader = train_loader, val_loader
         self.lr, self.make_optimizer, self.loss, self.optimizer_kwargs = lr, optimizer, loss, optimizer_kwargs
-        self.teacher = teacher.eval() if teacher is not None else None
+        self.teacher = teacher
         self.distill, self.temperature, self.lr_schedule, self.progress = distill, temperature, lr_schedule, progress
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.rebuilds = 0
@@ -174,7 +177,7 @@ class SupervisedLoop:
     def _loss(self, out, x, y):
         loss = self.loss(out, y)
         if self.teacher is not None and self.distill > 0:
-            with torch.no_grad():
+            with evaluating(self.teacher), torch.no_grad():  # the user's teacher keeps its modes
                 t = self.teacher(x)
             loss = (1 - self.distill) * loss + self.distill * distillation_loss(out, t, self.temperature)
         return loss
@@ -215,14 +218,11 @@ class SupervisedLoop:
         return model.eval()
 
     def evaluate(self, model: nn.Module, loader: Optional[Iterable] = None) -> float:
-        was = model.training
-        model.eval()
         correct = total = 0
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for x, y in self.val_loader if loader is None else loader:
                 correct += int((model(x).argmax(-1) == y).sum())
                 total += len(y)
-        model.train(was)
         return correct / max(1, total)
 
     # what a checkpoint needs to resume the same run
