@@ -29,6 +29,7 @@ PUBLISHED = [
     "squeeze_release_mnist_shift1_long_sr",
     "squeeze_release_cifar_convnext_atto_v5",
     "squeeze_release_cifar_convnext_atto_v6_dense37",
+    "squeeze_release_cifar_convnext_atto_v7b_distill_lr",
 ]
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
