@@ -90,3 +90,56 @@ def test_cifar_scratch_rebuilds_the_compressed_convnext_and_counts_the_budget():
     assert scratch.budget_epochs(result) == 6 + (4 * 0.5 + 2) + (3 * 0.5 + 3)
     result["config"]["finetune"] = [1]
     assert scratch.budget_epochs(result) == 6 + (2 + 1) + (1.5 + 1)
+
+
+def _fake_cifar(folder: Path, n_train: int, n_test: int) -> None:
+    """JPEG parts in the layout of ../shared/datasets/cifar10 (jpeg bytes, offsets, y): noise
+    images whose mean brightness is their label, so a little training learns something."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train_part00.npz", n_train), ("test_part00.npz", n_test)):
+        y = rng.integers(0, 10, n)
+        blobs = []
+        for label in y:
+            img = np.clip(rng.normal(20 + 22 * label, 10, (32, 32, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            blobs.append(buf.getvalue())
+        offsets = np.cumsum([0] + [len(b) for b in blobs])
+        np.savez(folder / name, jpeg=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, y=y)
+
+
+def test_cifar_bench_runs_end_to_end_with_distillation(tmp_path, monkeypatch):
+    """The CIFAR bench on a small fake dataset, one short cycle with distillation and its own
+    learning rate: it writes the issue's JSON fields with the options it ran with, and a .pt2
+    that loads, has the recorded parameter count and takes any batch of images in [0, 1]."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("timm")
+    spec = importlib.util.spec_from_file_location("squeeze_release_cifar", BENCH.parent / "squeeze_release_cifar.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    _fake_cifar(data, 5000 + 256, 200)  # the fixed split holds out 5,000 for validation
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)  # results go to tmp_path, not the repo
+    argv = ["--data", str(data), "--dense-epochs", "1", "--cycles", "1", "--sparsity", "0.3", "--finetune", "0.25",
+            "--recovery", "0.25", "--max-prune-steps", "1", "--prune-rate", "0.3", "--tolerance", "1.0",
+            "--scores", "taylor", "--calibration", "64", "--distill", "0.5", "--cycle-lr", "1e-3",
+            "--batch", "64", "--threads", "1", "--out", "smoke"]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "bench" / "results" / "smoke.json").read_text())
+    for field in ("dataset", "model", "method", "dense_params", "params", "nnz", "ratio", "dense_accuracy", "accuracy", "seconds"):
+        assert field in result
+    assert result["config"]["distill"] == 0.5 and result["config"]["cycle_lr"] == 1e-3
+    assert result["params"] < result["dense_params"] and result["ratio"] == pytest.approx(result["dense_params"] / result["stored"])
+    program = torch.export.load(str(tmp_path / "bench" / "results" / "smoke.pt2"))
+    assert sum(p.numel() for p in program.parameters()) == result["params"]
+    assert program.module()(torch.rand(3, 3, 32, 32)).shape == (3, 10)
