@@ -8,7 +8,6 @@ the exported module, so rounding may flip a handful of borderline images, not mo
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
 import sys
@@ -39,15 +38,13 @@ SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 @functools.cache
 def _mnist_test(folder: Path):
-    def idx(name):
-        with gzip.open(folder / name, "rb") as f:
-            data = f.read()
-        dims = data[3]
-        shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    """The test images N x 1 x 28 x 28 in [0, 1] (what the .pt2 takes) and labels, read with
+    the MNIST bench's own IDX reader."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from squeeze_release_mnist import FILES, _read_idx
 
-    x = torch.from_numpy(idx("t10k-images-idx3-ubyte.gz").astype(np.float32) / 255).unsqueeze(1)
-    return x, torch.from_numpy(idx("t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    x = torch.from_numpy(_read_idx(folder / FILES["test_x"]).astype(np.float32) / 255).unsqueeze(1)
+    return x, torch.from_numpy(_read_idx(folder / FILES["test_y"]).astype(np.int64))
 
 
 @functools.cache
