@@ -22,7 +22,9 @@ Options:
   dense epochs, seed, lr, batch and train subset; a file written for other values is refused
   with a message naming them); otherwise train and save it there. The cache also holds the
   torch RNG state and the training loader's epoch counter after dense training, so a run from
-  the cache continues exactly like one that trained.
+  the cache continues exactly like one that trained. While it trains, ``PATH.partial`` holds the
+  state after each epoch: rerun the same command after an interruption and dense training
+  continues from it, bit for bit.
 * ``--seed``: torch's seed (weight initialization) and the training data order; the
   validation split is always the same (seed 0).
 * ``--cycles``, ``--sparsity`` (one value or one per cycle: the fraction of the cycle's
@@ -201,11 +203,17 @@ def accuracy(model: nn.Module, loader) -> float:
     return correct / total
 
 
-def train_dense(model, loader, epochs, lr):
+def train_dense(model, loader, epochs, lr, checkpoint: Path | None = None, key: dict | None = None):
+    """The dense recipe: AdamW, one-cycle learning rate, label smoothing 0.1, for ``epochs``
+    passes over ``loader``. With ``checkpoint``, the state after each full pass (model,
+    optimizer, schedule, RNG, data order) is written there and a later call with the same
+    file and ``key`` continues from it: an interrupted run loses at most one epoch and ends
+    bit for bit where an uninterrupted one would."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = max(1, int(epochs * len(loader)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    done = 0
+    key = {"steps": steps, **(key or {})}
+    done = _resume_dense(checkpoint, key, model, opt, sched, loader) if checkpoint is not None else 0
     model.train()
     while done < steps:
         for xb, yb in loader:
@@ -217,7 +225,39 @@ def train_dense(model, loader, epochs, lr):
             done += 1
             if done >= steps:
                 break
+        if checkpoint is not None:
+            _save_atomically(checkpoint, {"key": key, "done": done, "model": model.state_dict(), "opt": opt.state_dict(),
+                                          "sched": sched.state_dict(), "rng": torch.get_rng_state(), "loader_epoch": loader.epoch})
+            print(f"  dense training: {done}/{steps} steps, checkpoint {checkpoint}", flush=True)
     return model.eval()
+
+
+def _resume_dense(checkpoint: Path, key: dict, model, opt, sched, loader) -> int:
+    """Steps already done according to ``checkpoint`` (0 if it does not exist), with the
+    training state restored from it; a file written for other training is refused."""
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state.get("key") != key:
+        theirs = state.get("key") or {}
+        diff = {k: (theirs.get(k), key.get(k)) for k in set(theirs) | set(key) if theirs.get(k) != key.get(k)}
+        raise SystemExit(f"checkpoint {checkpoint} was written for other training (file vs this run: {diff}); "
+                         "pass another path or delete it")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    loader.epoch = state["loader_epoch"]
+    print(f"  dense training resumed from {checkpoint} at step {state['done']}/{key['steps']}", flush=True)
+    return state["done"]
+
+
+def _save_atomically(path: Path, obj) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the last good file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def dense_cache_key(model: str, dense_epochs: float, seed: int, lr: float, batch: int, train_subset: int) -> dict:
@@ -286,7 +326,8 @@ def main(argv=None) -> int:
         train.epoch = cached["loader_epoch"]
         print(f"dense model loaded from {args.dense_cache}", flush=True)
     else:
-        model = train_dense(model, train, args.dense_epochs, args.lr)
+        partial = args.dense_cache.with_name(args.dense_cache.name + ".partial") if args.dense_cache is not None else None
+        model = train_dense(model, train, args.dense_epochs, args.lr, checkpoint=partial, key=cache_key)
         if args.dense_cache is not None:
             save_dense_cache(args.dense_cache, cache_key, model, train)
             print(f"dense model saved to {args.dense_cache}", flush=True)

@@ -1,7 +1,7 @@
 """Ablation for the CIFAR-10 cycle: its selected architecture trained from scratch.
 
     python bench/squeeze_release_cifar_scratch.py --run squeeze_release_cifar_convnext_atto_v5
-        [--data ../shared/datasets/cifar10] [--epochs E] [--full-width] [--seed 0] [--threads 2]
+        [--data ../shared/datasets/cifar10] [--epochs E] [--full-width] [--checkpoint PATH] [--seed 0] [--threads 2]
 
 Is the cycle better than training the small network directly? This reads the run's
 ``bench/results/<run>.json`` and ``<run>.pt2`` (written by ``bench/squeeze_release_cifar.py``),
@@ -17,6 +17,8 @@ epochs (the cycle's own baseline has only ``--dense-epochs``). ``--save-dense-ca
 saves it in the ``--dense-cache`` format of ``squeeze_release_cifar.py``: seed, recipe and data
 order are the same, so it is the model that script trains with ``--dense-epochs`` set to the
 budget (bit for bit at the same ``--threads``), and a cycle can start from it.
+``--checkpoint PATH`` writes the training state after every epoch and, when PATH exists,
+continues from it: an interrupted run rerun with the same options ends where it would have.
 
 Writes ``bench/results/<run>_scratch.json`` (the fields of the cycle's JSON: dataset, model,
 method, dense_params, params, stored, nnz, ratio, nnz_ratio, dense_accuracy, accuracy (test),
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full-width", action="store_true", help="train the unpruned model instead (a dense baseline at the cycle's budget)")
     ap.add_argument("--save-dense-cache", type=Path, default=None, metavar="PATH",
                     help="with --full-width: save the trained model as a --dense-cache file for squeeze_release_cifar.py --dense-epochs E (the same model it would train)")
+    ap.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
+                    help="write the training state to PATH after each epoch and continue from it if it exists (same run, width, epochs, seed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
 
     data = cifar_data(args.data, cfg["batch"], cfg.get("train_subset", 0), args.seed)
     train, val, test = data.train, data.val, data.test
-    model = train_dense(model, train, epochs, cfg["lr"])
+    key = {"run": args.run, "full_width": args.full_width, "epochs": epochs, "seed": args.seed, "lr": cfg["lr"], "batch": cfg["batch"]}
+    model = train_dense(model, train, epochs, cfg["lr"], checkpoint=args.checkpoint, key=key)
     if args.full_width and args.save_dense_cache is not None:
         key = dense_cache_key(cycle["model"], epochs, args.seed, cfg["lr"], cfg["batch"], cfg.get("train_subset", 0))
         save_dense_cache(args.save_dense_cache, key, model, train)

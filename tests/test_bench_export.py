@@ -143,3 +143,68 @@ def test_cifar_bench_runs_end_to_end_with_distillation(tmp_path, monkeypatch):
     program = torch.export.load(str(tmp_path / "bench" / "results" / "smoke.pt2"))
     assert sum(p.numel() for p in program.parameters()) == result["params"]
     assert program.module()(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+
+
+def _cifar_bench():
+    spec = importlib.util.spec_from_file_location("squeeze_release_cifar", BENCH.parent / "squeeze_release_cifar.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_cifar_dense_training_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """Dense training killed in its third epoch and rerun with the same checkpoint ends with
+    exactly the weights of an uninterrupted run (model, AdamW, one-cycle schedule, dropout RNG
+    and data order all restored); a checkpoint written for other training is refused."""
+    import numpy as np
+    import pytest
+
+    bench = _cifar_bench()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 96)
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+    def loader():
+        return bench._loader(x, y, 32, True, True, seed=0)
+
+    reference = bench.train_dense(fresh(), loader(), 4, 1e-2)
+
+    class Killed:  # a loader that dies in its third pass, as a process killed mid-epoch
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        @property
+        def epoch(self):
+            return self.inner.epoch
+
+        @epoch.setter
+        def epoch(self, value):
+            self.inner.epoch = value
+
+        def __iter__(self):
+            for i, batch in enumerate(self.inner):
+                if self.inner.epoch == 3 and i == 1:
+                    raise _Interrupted
+                yield batch
+
+    checkpoint = tmp_path / "dense.partial"
+    key = {"model": "tiny"}
+    with pytest.raises(_Interrupted):
+        bench.train_dense(fresh(), Killed(loader()), 4, 1e-2, checkpoint=checkpoint, key=key)
+    assert torch.load(checkpoint, weights_only=False)["done"] == 2 * 3  # two finished epochs of 3 batches
+    torch.manual_seed(123)  # whatever the process did before the rerun
+    resumed = bench.train_dense(fresh(), loader(), 4, 1e-2, checkpoint=checkpoint, key=key)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(SystemExit, match="other training"):
+        bench.train_dense(fresh(), loader(), 5, 1e-2, checkpoint=checkpoint, key=key)
