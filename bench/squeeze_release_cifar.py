@@ -79,6 +79,7 @@ from _common import export_dynamic_batch, git_state  # noqa: E402
 from srfx.cycle import Schedule, SqueezeRelease  # noqa: E402
 from srfx.group_pruning import group_pruner  # noqa: E402
 from srfx.report import count_nonzero, count_parameters, count_stored  # noqa: E402
+from srfx.supervised import accuracy  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -191,16 +192,6 @@ def cifar_data(folder: Path, batch: int, train_subset: int, seed: int) -> CifarD
 def export_pt2(model: nn.Module, path: Path) -> None:
     """``Deployable(model)`` as a .pt2 taking N x 3 x 32 x 32 images in [0, 1] (any N)."""
     export_dynamic_batch(Deployable(model).eval(), torch.rand(2, 3, 32, 32), path)
-
-
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for xb, yb in loader:
-            correct += int((model(xb).argmax(1) == yb).sum())
-            total += len(yb)
-    return correct / total
 
 
 def train_dense(model, loader, epochs, lr, checkpoint: Path | None = None, key: dict | None = None):

@@ -13,7 +13,18 @@ import torch.nn.functional as F
 
 from .modes import evaluating
 
-__all__ = ["SupervisedLoop", "TensorBatches", "carry_optimizer_state", "distillation_loss"]
+__all__ = ["SupervisedLoop", "TensorBatches", "accuracy", "carry_optimizer_state", "distillation_loss"]
+
+
+def accuracy(model: nn.Module, batches: Iterable) -> float:
+    """Top-1 accuracy of ``model`` over ``(x, y)`` batches, measured in eval mode without
+    changing the modes the model's submodules were in."""
+    correct = total = 0
+    with evaluating(model), torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / max(1, total)
 
 
 class TensorBatches:
@@ -218,12 +229,7 @@ class SupervisedLoop:
         return model.eval()
 
     def evaluate(self, model: nn.Module, loader: Optional[Iterable] = None) -> float:
-        correct = total = 0
-        with evaluating(model), torch.no_grad():
-            for x, y in self.val_loader if loader is None else loader:
-                correct += int((model(x).argmax(-1) == y).sum())
-                total += len(y)
-        return correct / max(1, total)
+        return accuracy(model, self.val_loader if loader is None else loader)
 
     # what a checkpoint needs to resume the same run
     def state_dict(self, model: nn.Module) -> dict:

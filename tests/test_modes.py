@@ -10,7 +10,7 @@ from srfx.group_pruning import atom_table, taylor_costs
 from srfx.modes import evaluating
 from srfx.passes import release
 from srfx.passes.mask import unit_masks
-from srfx.supervised import SupervisedLoop, TensorBatches
+from srfx.supervised import SupervisedLoop, TensorBatches, accuracy
 
 
 def _half_frozen():
@@ -53,6 +53,12 @@ def test_measurements_leave_a_frozen_batchnorm_frozen():
     release(model, calibration_batch=x, max_output_change=0.5)
     assert _modes(model) == before
     SupervisedLoop(None, TensorBatches(x, y, 8, False)).evaluate(model)
+    assert _modes(model) == before
+    with torch.no_grad():
+        expected = float((model.eval()(x).argmax(-1) == y).float().mean())
+    model.train()
+    model[1].eval()
+    assert accuracy(model, [(x[:10], y[:10]), (x[10:], y[10:])]) == expected  # eval-mode outputs, over all batches
     assert _modes(model) == before
 
 
