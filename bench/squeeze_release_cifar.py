@@ -1,7 +1,7 @@
 """A timm ConvNeXt on CIFAR-10: dense baseline, then Squeeze-Release with group pruning.
 
     python bench/squeeze_release_cifar.py [--data ../shared/datasets/cifar10] [--model convnext_atto]
-        [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycles 3] [--sparsity 0.5 0.7 0.8]
+        [--dense-epochs 4] [--dense-cache PATH] [--seed 0] [--cycle-seed S] [--cycles 3] [--sparsity 0.5 0.7 0.8]
         [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--select-tolerance T] [--prune-rate 0.5] [--min-rate 0.03125]
         [--max-prune-steps 30] [--optimizer-state rebuild] [--scores relative] [--calibration 2048]
         [--distill 0] [--temperature 4] [--cycle-lr LR] [--train-subset N] [--batch 128]
@@ -26,7 +26,9 @@ Options:
   state after each epoch: rerun the same command after an interruption and dense training
   continues from it, bit for bit.
 * ``--seed``: torch's seed (weight initialization) and the training data order; the
-  validation split is always the same (seed 0).
+  validation split is always the same (seed 0). ``--cycle-seed S`` reseeds torch, the training
+  data order and release's noise after dense training: another run of the cycle from the same
+  dense model (and the same ``--dense-cache``).
 * ``--cycles``, ``--sparsity`` (one value or one per cycle: the fraction of the cycle's
   starting model's Linear/Conv weights to prune), ``--finetune`` (fine-tuning epochs, one value
   or one per cycle), ``--recovery`` (training epochs after each pruning step), ``--tolerance``
@@ -132,6 +134,9 @@ class Deployable(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
+CYCLE_SEED_STREAM = 1_000_000
+
+
 def _loader(x, y, batch, shuffle, augment, seed=0):
     """Batches of normalized float images (random crop with 4-pixel padding and flips when
     ``augment``), regenerated on every pass."""
@@ -139,12 +144,13 @@ def _loader(x, y, batch, shuffle, augment, seed=0):
     class _Batches:
         def __init__(self):
             self.epoch = 0
+            self.seed = seed  # the pass's order and crops come from seed + epoch
 
         def __len__(self):
             return (len(x) + batch - 1) // batch
 
         def __iter__(self):
-            g = torch.Generator().manual_seed(seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
             self.epoch += 1
             order = torch.randperm(len(x), generator=g) if shuffle else torch.arange(len(x))
             mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
@@ -271,6 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-cache", type=Path, default=None, metavar="PATH",
                     help="load the trained dense model from PATH if it exists (same model/dense epochs/seed/lr/batch/subset), else train and save it there")
     ap.add_argument("--seed", type=int, default=0, help="torch seed and training data order (the validation split is fixed)")
+    ap.add_argument("--cycle-seed", type=int, default=None,
+                    help="reseed torch and the training data order after dense training: another run of the cycle from the same dense model (default: continue --seed's streams)")
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="target sparsity: one value or one per cycle")
     ap.add_argument("--finetune", type=float, nargs="+", default=[1.0], help="fine-tuning epochs: one value or one per cycle")
@@ -323,6 +331,9 @@ def main(argv=None) -> int:
             save_dense_cache(args.dense_cache, cache_key, model, train)
             print(f"dense model saved to {args.dense_cache}", flush=True)
     dense_val, dense_test = accuracy(model, val), accuracy(model, test)
+    if args.cycle_seed is not None:  # a stream of data orders no --seed run reaches (those use seed + epoch)
+        torch.manual_seed(args.cycle_seed)
+        train.seed = CYCLE_SEED_STREAM * (args.cycle_seed + 1)
     print(f"dense {args.model}: {dense_params} parameters, validation {dense_val:.4f}, test {dense_test:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
     example = torch.randn(1, 3, 32, 32)
@@ -341,7 +352,7 @@ def main(argv=None) -> int:
     driver = SqueezeRelease.supervised(
         model, example, train, val, lr=args.lr / 4 if args.cycle_lr is None else args.cycle_lr, optimizer=torch.optim.AdamW,
         lr_schedule="cosine", teacher=teacher, distill=args.distill, temperature=args.temperature,
-        schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state,
+        schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state, seed=args.cycle_seed or 0,
     )
     small = driver.run()
     print(driver.table(), flush=True)

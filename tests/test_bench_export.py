@@ -208,3 +208,18 @@ def test_cifar_dense_training_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(SystemExit, match="other training"):
         bench.train_dense(fresh(), loader(), 5, 1e-2, checkpoint=checkpoint, key=key)
+
+
+def test_cifar_cycle_seed_changes_the_data_order_only_from_where_it_is_set():
+    """--cycle-seed reseeds the training loader in place: passes before it are the --seed
+    run's, passes after it follow an order no --seed run's epochs reach."""
+    import numpy as np
+
+    bench = _cifar_bench()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40)
+    a, b = bench._loader(x, y, 40, True, True, seed=0), bench._loader(x, y, 40, True, True, seed=0)
+    assert torch.equal(next(iter(a))[1], next(iter(b))[1])  # the same dense pass
+    b.seed = bench.CYCLE_SEED_STREAM * 2  # what --cycle-seed 1 sets after dense training
+    orders = {tuple(next(iter(a))[1].tolist()), tuple(next(iter(b))[1].tolist())}
+    assert len(orders) == 2 and a.epoch == b.epoch == 2
