@@ -281,9 +281,20 @@ def bake_masks(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
         if parametrize.is_parametrized(module):
+            _own_parametrized_class(module)
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model
+
+
+def _own_parametrized_class(module: torch.nn.Module) -> None:
+    """Give a parametrized module of srfx's copy a class of its own. parametrize makes one
+    ``Parametrized<Cls>`` class per module and a deep copy shares it; removing the
+    parametrization deletes the property from that class, which would take the ``weight`` of
+    the user's own module with it."""
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _where_it_failed(exc: BaseException) -> str:

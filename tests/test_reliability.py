@@ -153,9 +153,16 @@ def test_parametrized_masks_from_torch_ao_sparsifier():
     sparsifier.prepare(m, [{"tensor_fqn": "2.weight"}])
     sparsifier.step()
     assert parametrize.is_parametrized(m[2])
-    small = srfx.compress(m, torch.randn(4, 8))
+    x = torch.randn(4, 8)
+    expected = m(x).detach()
+    small = srfx.compress(m, x)
     assert getattr(small, "0").out_features < 8
     assert parametrize.is_parametrized(m[2])  # the user's model keeps its parametrization
+    srfx.plan(m, x)
+    # ... and its masked weight: parametrize's class is shared with srfx's deep copy, whose
+    # un-parametrizing once deleted the `weight` property of the user's module too
+    assert torch.equal(m(x), expected)
+    assert torch.allclose(small(x), expected, rtol=1e-5, atol=1e-6)
 
 
 # --- dtypes and memory formats -----------------------------------------------------------------------
