@@ -16,7 +16,7 @@ from .coupling import Coupling, coupling_groups
 from .errors import InputError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
-from .tracing import Traced, _FactRecorder, bake_masks, preserved_buffers, private_copy, trace
+from .tracing import Traced, _FactRecorder, hooked_modules, preserved_buffers, trace, working_copy
 from .verify import verify as _verify
 
 __all__ = ["analyze", "plan", "compress", "REPORT_KEY"]
@@ -109,7 +109,11 @@ def compress(
     notes = []
     if model.training:
         notes.append("the model is in train mode: srfx compresses its eval-mode function (BatchNorm running statistics, no dropout)")
-    reference = bake_masks(private_copy(model).eval())
+    hooked = hooked_modules(model)
+    if hooked:
+        notes.append(f"module hooks ({', '.join(hooked)}) are not part of the result: torch.fx does not trace them, so srfx "
+                     "compresses and verifies the model without them and never calls them")
+    reference = working_copy(model)
     if sparsity is not None:
         from srfx.passes import mask as _mask
 

@@ -25,7 +25,7 @@ from torch.fx.proxy import ParameterProxy
 from .decompose import decompose_attention
 from .errors import InputError, TraceError
 
-__all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "preserved_buffers"]
+__all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "working_copy", "hooked_modules", "preserved_buffers"]
 
 META_KEY = "srfx"
 
@@ -287,6 +287,36 @@ def bake_masks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# the per-module hook registries; pruning's forward pre-hooks are gone by the time these are read
+_HOOK_REGISTRIES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hooked_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules carrying forward or backward hooks (pruning's own excepted)."""
+    from torch.nn.utils import prune
+
+    names = []
+    for name, module in model.named_modules():
+        pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+        if pre or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+            names.append(name or "(the model)")
+    return names
+
+
+def working_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """srfx's own eval-mode copy of ``model``: masks baked into the weights, module hooks
+    dropped. fx does not record the hooks of the modules it keeps as calls, and those would
+    run on the compacted tensors of the result; the user's hook functions are shared by a deep
+    copy, so srfx must not run them either (:func:`hooked_modules` names what is dropped)."""
+    work = bake_masks(private_copy(model).eval())
+    for module in work.modules():
+        for registry in _HOOK_REGISTRIES:
+            if getattr(module, registry, None):
+                setattr(module, registry, OrderedDict())
+    return work
+
+
 def _own_parametrized_class(module: torch.nn.Module) -> None:
     """Give a parametrized module of srfx's copy a class of its own. parametrize makes one
     ``Parametrized<Cls>`` class per module and a deep copy shares it; removing the
@@ -323,7 +353,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     if leaf_modules or leaf_functions:
         attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
     for front_end, make_tracer in attempts:
-        work = bake_masks(private_copy(model).eval())
+        work = working_copy(model)
         decompose_attention(work)  # nn.MultiheadAttention as Linear + sdpa: heads become visible
         try:
             gm = _symbolic_trace(work, make_tracer(), len(inputs))

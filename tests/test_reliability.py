@@ -133,6 +133,31 @@ def test_train_mode_hooks_and_flags_survive_with_a_warning():
         srfx.compress(m, torch.randn(2, 3, 8, 8))
     assert_untouched(m, before)
     assert m.training
+    m(torch.randn(2, 3, 8, 8))
+    assert calls == [1]  # the user's hook stays registered, and srfx never called it
+
+
+def test_module_hooks_are_left_out_of_the_result_with_a_warning():
+    """fx does not record a Linear's forward hook, and the hook would see the compacted
+    tensors: srfx compresses the model without its hooks, says so, and never calls them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[[1, 2]] = 0  # two dead units emitting sigmoid(bias)
+    seen = []
+
+    def doubling(module, inputs, output):
+        seen.append(tuple(output.shape))
+        return output * 2
+
+    handle = m[0].register_forward_hook(doubling)
+    with pytest.warns(UserWarning, match=r"module hooks \(0\)"):
+        small = srfx.compress(m, torch.randn(2, 8))
+    assert seen == [] and getattr(small, "0").out_features == 14
+    x = torch.randn(5, 8)
+    handle.remove()
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)  # the model without its hook, exactly
+    assert len(m[0]._forward_hooks) == 0 and seen == []
 
 
 def test_prune_masks_are_honoured_and_left_in_place():
