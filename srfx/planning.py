@@ -144,6 +144,7 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
     for site in sites:
         for role in site.readers:
             absorbs[role.node] = site.removable_out
+    bias_uses = _bias_uses(coupling.graph_module)
     out = []
     for role in coupling.roles:
         if role.kind != "reader" or role.fold is None:
@@ -164,12 +165,27 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
         foldable = ~np.isnan(c) & ((c == 0) | (role.fold != "zero_only"))
         if role.bias is None and not isinstance(modules.get(role.owner), (nn.Linear, nn.modules.conv._ConvNd)):
             foldable &= c == 0  # a functional layer without a bias has nowhere to fold a constant
+        elif bias_uses.get(role.bias or f"{role.owner}.bias", 0) > 1:
+            foldable &= c == 0  # a bias other calls use too: one reader's constants would shift theirs
         compensated = role.node in absorbs
         if compensated:
             foldable = foldable | absorbs[role.node]
         out_dim = coupling.dim(Ref(ParamKey(role.weight), (out_axis,)))
         out.append(_Reader(role, coupling.atoms(in_dim), coupling.atoms(out_dim), nz.numpy(), c, foldable, compensated))
     return out
+
+
+def _bias_uses(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Bias qualname -> how many graph uses it has: the calls of the module it belongs to (a
+    module called twice folds into one bias) plus every read of it as an attribute."""
+    uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            key = f"{node.target}.bias"
+            uses[key] = uses.get(key, 0) + 1
+        elif node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + len(node.users)
+    return uses
 
 
 @dataclass(frozen=True, eq=False)
