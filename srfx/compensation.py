@@ -237,15 +237,22 @@ def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
         out_dims = [d for d in coupling.dims_of_value(ValueKey(name)) if d.ref.axes == in_ref.axes]
         if not out_dims:
             continue
-        readers, why, sizes, reshapes, padded = _absorbing_readers(graph, nodes[name], coupling.atoms(out_dims[0]))
-        found.append(Absorption(name, eff.meta.get("owner", name), coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes, reshapes, padded))
+        owner = eff.meta.get("owner", name)
+        if graph.calls.get(owner, 1) > 1:  # one module, one set of removed channels' constants: not per call
+            readers, why, sizes, reshapes, padded = (), f"{owner} is called {graph.calls[owner]} times", (), (), False
+        else:
+            readers, why, sizes, reshapes, padded = _absorbing_readers(graph, nodes[name], coupling.atoms(out_dims[0]))
+        found.append(Absorption(name, owner, coupling.dim(in_ref).id, out_dims[0].id, readers, why, sizes, reshapes, padded))
     return tuple(found)
 
 
 def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
     """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free."""
     sites = []
+    calls = coupling.module_calls()
     for norm in norm_absorption(coupling):
+        if calls.get(norm.owner, 1) > 1:
+            continue  # a shared norm module gets one replacement for all its calls: never compensated
         name, in_dim, out_dim = norm.node, coupling.dims[norm.in_dim], coupling.dims[norm.out_dim]
         eff = coupling.effects[name]
         c = constants.of(in_dim.id)
