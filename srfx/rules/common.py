@@ -1,6 +1,8 @@
 """Helpers shared by rule modules: calling a node's op on stand-in tensors, in-place checks."""
 from __future__ import annotations
 
+import builtins
+import operator
 from typing import Any, Callable
 
 import numpy as np
@@ -30,11 +32,54 @@ def mutates_input(node: fx.Node, env: NodeEnv) -> bool:
     return is_inplace(node, env.modules)
 
 
-def used_after(value: fx.Node, node: fx.Node) -> bool:
-    """Does any user of ``value`` other than ``node`` run after ``node``? (then an in-place
-    ``node`` changes what that user reads, which the dataflow graph does not show)."""
+# ops whose result may share memory with their first argument: an in-place write into one
+# changes the other (a superset is safe: it only keeps more channels)
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "expand", "expand_as", "narrow", "select", "unfold", "split", "split_with_sizes", "chunk", "unbind",
+    "tensor_split", "diagonal", "as_strided", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous", "detach",
+    "__getitem__", "type_as", "to", "float", "view_as_real", "view_as_complex",
+})
+_VIEW_FUNCTIONS = frozenset({
+    operator.getitem, builtins.getattr, torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
+    torch.transpose, torch.permute, torch.t, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind,
+    torch.tensor_split, torch.diagonal, torch.as_strided, torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims,
+    torch.detach, torch.view_as_real, torch.view_as_complex,
+})
+
+
+def _may_alias_input(n: fx.Node, modules: dict) -> bool:
+    """Can ``n``'s result share memory with its first argument (a view, or an in-place op,
+    which returns its input)?"""
+    if n.op not in ("call_method", "call_function", "call_module") or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if is_inplace(n, modules):
+        return True
+    return n.target in (_VIEW_METHODS if n.op == "call_method" else _VIEW_FUNCTIONS if n.op == "call_function" else ())
+
+
+def _aliases(value: fx.Node, modules: dict, writer: fx.Node) -> set:
+    """Every node whose result may share memory with ``value`` before ``writer`` writes into
+    it: back to the tensor it is a view of, then every view (and in-place result) taken of
+    that, except through ``writer`` (what reads the write's result is in the dataflow)."""
+    base = value
+    while _may_alias_input(base, modules):
+        base = base.args[0]
+    seen, todo = {base}, [base]
+    while todo:
+        for user in todo.pop().users:
+            if user is not writer and user not in seen and _may_alias_input(user, modules) and user.args[0] in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def used_after(value: fx.Node, node: fx.Node, modules: dict | None = None) -> bool:
+    """Does anything other than ``node`` read ``value``, or a tensor sharing its memory (the
+    tensor it is a view of, another view of it), after ``node``? Then an in-place ``node``
+    changes what that reader sees, which the dataflow graph does not show."""
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return any(order[u] > order[node] for u in value.users if u is not node)
+    return any(order[u] > order[node] for a in _aliases(value, modules or {}, node) for u in a.users if u is not node)
 
 
 def probe(shape: tuple[int, ...], fills: list[tuple[tuple[int, ...], np.ndarray]]) -> torch.Tensor:

@@ -36,7 +36,7 @@ def pointwise_effects(node, env, additive: bool) -> Effects:
     out_shape = env.out_shape
     n = len(out_shape)
     operands = env.tensor_args()
-    if mutates_input(node, env) and operands and used_after(operands[0], node):
+    if mutates_input(node, env) and operands and used_after(operands[0], node, env.modules):
         reason = f"{node.name} writes in place into {operands[0].name}, which is read again later"
         return Effects(fixed=tuple((r, reason) for a in operands for r in env.dims(a)))
     outs: dict[tuple[int, ...], Ref] = {}
