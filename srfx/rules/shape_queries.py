@@ -17,6 +17,10 @@ from ..tracing import facts_of
 
 __all__ = ["ShapeQuery"]
 
+# attributes that describe a tensor rather than hold its values (getattr on anything else is a barrier)
+_NON_TENSOR_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_cpu", "is_meta", "is_sparse",
+                                    "is_quantized", "requires_grad", "is_leaf", "is_floating_point", "names"})
+
 _INT_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv, operator.mod, builtins.int}
 
 
@@ -54,6 +58,10 @@ class ShapeQuery(ChannelRule):
         if not isinstance(x, fx.Node) or env.shape(x) is None:
             return Effects()
         n = len(env.shape(x))
+        if node.target is getattr and node.args[1] not in _NON_TENSOR_ATTRIBUTES:
+            # x.T, x.mT, x.real, x.data, ...: a tensor made of x's values, which no rule models
+            why = f"{node.name}: tensor attribute .{node.args[1]} (no channel rule for it)"
+            return Effects(fixed=tuple((r, why) for r in env.dims(x)))
         if node.target is getattr:
             axes = set(range(n)) if node.args[1] == "shape" else set()  # ndim, dtype, device: no sizes
         elif node.target == "size":
