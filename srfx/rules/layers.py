@@ -126,7 +126,8 @@ class WeightedLayer(ChannelRule):
             return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta={"depthwise": mult, **meta}), spatial
         if spec.kind != "conv":
             why = f"{node.name}: grouped transposed conv (groups={spec.groups}); kept"
-            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why)), meta=meta), spatial
+            # the weight's input axis too: nothing else ties it to x_in, and left free it looks unread
+            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why), (param(spec.weight, w_in), why)), meta=meta), spatial
         # grouped conv: every group must keep as many channels as the others. Input j of each
         # group is one weight column, so inputs go as a column across all groups; outputs go
         # as the same index in every group (a mix).
