@@ -1,0 +1,128 @@
+"""State shared between call sites and memory shared between tensors: a module or bias used
+twice, an in-place write through a view, a tensor attribute, a functional grouped transposed
+conv. Each case gave a wrong answer (or a crash) once; each is compressed with verify=False so
+that srfx's own check cannot hide a wrong rewrite, and compared with the model."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import srfx
+from tests.helpers import assert_close
+
+
+def _exact_without_verify(model: nn.Module, example: torch.Tensor, *inputs: torch.Tensor) -> torch.fx.GraphModule:
+    small = srfx.compress(model, example, verify=False)
+    with torch.no_grad():
+        for x in (example, *inputs):
+            expected, got = model(x), small(x)
+            for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):
+                assert_close(e, g)
+    return small
+
+
+class _SharedReader(nn.Module):
+    """One Linear reading two streams whose dead units emit different constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.o(torch.sigmoid(self.a(x))), self.o(torch.tanh(self.b(x)))
+
+
+def test_a_reader_called_twice_folds_no_constant_into_its_one_bias():
+    torch.manual_seed(0)
+    m = _SharedReader().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 2]] = 0
+        m.b.weight[[1, 2]] = 0
+    _exact_without_verify(m, torch.randn(2, 8), torch.randn(5, 8))
+
+
+def test_a_functional_bias_also_read_elsewhere_takes_no_fold():
+    class BiasReadTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.w, self.b = nn.Parameter(torch.randn(3, 16)), nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return F.linear(torch.sigmoid(self.a(x)), self.w, self.b) + self.b
+
+    torch.manual_seed(0)
+    m = BiasReadTwice().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 2]] = 0
+    _exact_without_verify(m, torch.randn(2, 8), torch.randn(5, 8))
+
+
+def test_a_layernorm_module_called_on_two_streams_is_not_compensated():
+    class SharedNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.ln = nn.Linear(8, 16), nn.Linear(8, 16), nn.LayerNorm(16)
+            self.o1, self.o2 = nn.Linear(16, 3), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.o1(self.ln(self.a(x))) + self.o2(self.ln(self.b(x)))
+
+    torch.manual_seed(0)
+    m = SharedNorm().eval()
+    with torch.no_grad():  # the same channels dead in both streams, with different constants
+        m.a.weight[[1, 2]], m.a.bias[[1, 2]] = 0, 0.5
+        m.b.weight[[1, 2]], m.b.bias[[1, 2]] = 0, -0.3
+    small = _exact_without_verify(m, torch.randn(2, 5, 8), torch.randn(3, 5, 8))
+    assert small.meta["srfx_report"].compensated_norms == 0
+
+
+def test_an_in_place_write_through_a_view_keeps_the_channels_it_changes():
+    class WriteThroughView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.view(-1, 16).sigmoid_()  # h itself now holds sigmoid(a(x)): dead units emit sigmoid(bias)
+            return self.c(h)
+
+    torch.manual_seed(0)
+    m = WriteThroughView().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 2, 5]] = 0
+    _exact_without_verify(m, torch.randn(2, 8), torch.randn(4, 8))
+
+
+def test_tensor_attributes_are_barriers_not_shape_queries():
+    class Attribute(nn.Module):
+        def __init__(self, attr):
+            super().__init__()
+            self.attr, self.a = attr, nn.Linear(8, 16)
+            self.o = nn.Linear(5 if attr == "mT" else 16, 3)
+
+        def forward(self, x):
+            return self.o(getattr(torch.relu(self.a(x)), self.attr))
+
+    for attr in ("mT", "real", "data"):
+        torch.manual_seed(0)
+        m = Attribute(attr).eval()  # no zeros at all: nothing may go
+        small = _exact_without_verify(m, torch.randn(2, 5, 8), torch.randn(3, 5, 8))
+        assert small.a.out_features == 16, attr
+
+
+def test_a_functional_grouped_transposed_conv_keeps_its_weight_whole():
+    class GroupedTransposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.w, self.b = nn.Parameter(torch.randn(8, 2, 3, 3)), nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return F.conv_transpose2d(torch.relu(self.a(x)), self.w, self.b, stride=2, groups=2)
+
+    torch.manual_seed(0)
+    small = _exact_without_verify(GroupedTransposed().eval(), torch.randn(2, 3, 7, 7), torch.randn(3, 3, 7, 7))
+    assert tuple(small.w.shape) == (8, 2, 3, 3)
