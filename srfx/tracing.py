@@ -362,12 +362,24 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
             continue
         _propagate_shapes(gm, inputs)
         return Traced(gm, inputs, front_end)
-    raise TraceError(
-        f"could not trace {type(model).__name__} with torch.fx:\n  "
-        + "\n  ".join(failures)
-        + "\nData-dependent control flow (an `if` on tensor values or shapes) cannot be traced: "
-        "move it out of forward, or register the module as a leaf (timm.layers.register_notrace_module)."
-    )
+    raise TraceError(f"could not trace {type(model).__name__} with torch.fx:\n  " + "\n  ".join(failures) + "\n" + _advice(failures))
+
+
+_LEAF = "or register the module as a leaf (timm.layers.register_notrace_module), which srfx then keeps whole"
+# what fx's failure says -> what to try; the first match wins, the last entry matches anything
+_TRACE_ADVICE = (
+    ("does not support item assignment", "Assignment into a tensor (x[...] = v) cannot be traced: write it as an op that "
+     "returns a new tensor (torch.where, masked_fill, torch.cat), " + _LEAF + "."),
+    ("control flow", "Data-dependent control flow (an `if` on tensor values or shapes) cannot be traced: move it out of "
+     "forward, " + _LEAF + "."),
+    ("", "torch.fx cannot trace that line: make it traceable (no Python control flow on tensor values, no tensor "
+     "assignment), " + _LEAF + "."),
+)
+
+
+def _advice(failures: list[str]) -> str:
+    text = "\n".join(failures)
+    return next(advice for pattern, advice in _TRACE_ADVICE if pattern in text)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,24 @@ def test_untraceable_model_raises_trace_error_naming_the_line():
         srfx.compress(DataDependent(), torch.randn(2, 4))
     assert "test_reliability.py" in str(err.value) and "x.sum() > 0" in str(err.value)
     assert "register_notrace_module" in str(err.value)  # says what to try
+    assert "control flow" in str(err.value).splitlines()[-1]
+
+
+def test_tensor_assignment_gets_its_own_advice():
+    class Assigns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.a(x)
+            h[:, :2] = 0.5
+            return h
+
+    with pytest.raises(srfx.TraceError) as err:
+        srfx.compress(Assigns(), torch.randn(2, 4))
+    advice = str(err.value).splitlines()[-1]
+    assert "x[...] = v" in advice and "control flow" not in advice
 
 
 @pytest.mark.parametrize("bad", [torch.randn(2, 5), torch.randint(0, 3, (2, 4))], ids=["shape", "dtype"])
