@@ -40,16 +40,26 @@ Score = Union[str, Callable[[str, torch.Tensor], torch.Tensor]]
 
 def prunable_parameters(model: nn.Module, include: Iterable[str] = ()) -> dict[str, nn.Parameter]:
     """Weights of Linear/ConvNd modules, plus parameters whose names match ``include``
-    (fnmatch patterns, e.g. ``"*.bias"``, ``"*norm*.weight"``, ``"*gamma"``)."""
-    chosen = {}
+    (fnmatch patterns, e.g. ``"*.bias"``, ``"*norm*.weight"``, ``"*gamma"``).
+
+    Each tensor once, under its first name (a tied weight is one set of weights to rank and
+    release). Frozen parameters (``requires_grad=False``) are left out: no training could
+    recover from pruning them, and weights released into them would never train."""
+    chosen, seen = {}, set()
+
+    def choose(name: str, p) -> None:
+        if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            chosen[name] = p
+
     for mname, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(getattr(m, "weight", None), nn.Parameter):
-            chosen[f"{mname}.weight" if mname else "weight"] = m.weight
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            choose(f"{mname}.weight" if mname else "weight", getattr(m, "weight", None))
     patterns = list(include)
     if patterns:
         for name, p in model.named_parameters():
             if any(fnmatch.fnmatch(name, pat) for pat in patterns):
-                chosen[name] = p
+                choose(name, p)
     return chosen
 
 
@@ -83,7 +93,9 @@ def _scores(params: dict[str, torch.Tensor], score: Score, existing: dict) -> di
                 raise ValueError(f"score({n!r}) returned shape {tuple(s.shape)}, expected {tuple(w.shape)}")
         else:
             raise ValueError(f"score must be 'magnitude', 'unit' or a callable, got {score!r}")
-        out[n] = s * (w != 0)  # exact zeros (pruned or dead) always count as pruned
+        # exact zeros (pruned or dead) always count as pruned and rank below every live
+        # weight, whose score may be 0 too (a callable's choice, or underflow)
+        out[n] = s.masked_fill(w == 0, -1.0)
     return out
 
 
@@ -111,12 +123,12 @@ def magnitude_masks(
         flat = torch.cat([s.flatten() for s in scores.values()]) if scores else torch.zeros(0)
         k = int(sparsity * flat.numel())
         if k == 0:
-            return {n: s != 0 for n, s in scores.items()}
+            return {n: s >= 0 for n, s in scores.items()}
         # rank, not threshold: ties (many equal scores) must not prune more than asked
         order = flat.argsort(stable=True)
         keep = torch.ones(flat.numel(), dtype=torch.bool)
         keep[order[:k]] = False
-        keep &= flat != 0
+        keep &= flat >= 0
         masks, at = {}, 0
         for n, s in scores.items():
             masks[n] = keep[at : at + s.numel()].view_as(s)
@@ -127,7 +139,7 @@ def magnitude_masks(
         k = int(sparsity * s.numel())
         keep = torch.ones(s.numel(), dtype=torch.bool)
         keep[s.flatten().argsort(stable=True)[:k]] = False
-        masks[n] = keep.view_as(s) & (s != 0)
+        masks[n] = keep.view_as(s) & (s >= 0)
     return masks
 
 

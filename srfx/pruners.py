@@ -45,8 +45,10 @@ def unit_pruner(calibration_batch: Any = None, *, compensate: bool = True, loss:
 
     def prune(model, sparsity, masks):
         if loss is None:
-            return unit_masks(model, sparsity, calibration_batch=calibration_batch, existing=masks, compensate=compensate and calibration_batch is not None, layers=layers)
-        return _greedy_unit_masks(model, sparsity, masks, calibration_batch, compensate, loss, chunks, layers)
+            new = unit_masks(model, sparsity, calibration_batch=calibration_batch, existing=masks, compensate=compensate and calibration_batch is not None, layers=layers)
+        else:
+            new = _greedy_unit_masks(model, sparsity, masks, calibration_batch, compensate, loss, chunks, layers)
+        return {**masks, **new}  # masks of tensors units do not cover (``include``d biases) stay
 
     return prune
 

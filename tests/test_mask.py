@@ -27,6 +27,30 @@ def test_prunable_defaults_and_include():
     assert set(prunable_parameters(m, ["1.weight"])) == {"0.weight", "3.weight", "1.weight"}
 
 
+def test_tied_weights_count_once_and_frozen_ones_not_at_all():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    m[2].weight = m[0].weight  # one tensor under two names: ranked (and released) once
+    m[4].weight.requires_grad_(False)  # frozen by the user: nothing could recover or train it
+    assert list(prunable_parameters(m)) == ["0.weight"]
+    assert set(magnitude_masks(m, 0.5)) == {"0.weight"}
+
+
+def test_a_callable_score_of_zero_ranks_low_but_is_no_reason_to_prune():
+    """Live weights a score rates 0 are pruned only as far as the sparsity asks (exact zeros
+    always count as pruned and go first)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        m[0].weight[0] = 0
+    positive_first = lambda name, w: w.clamp_min(0)  # noqa: E731 - 0 for about half the weights
+    for scope in ("global", "layer"):
+        assert _zeros(magnitude_masks(m, 0.0, score=positive_first, scope=scope)) == 8  # the zero row only
+        for sparsity in (0.1, 0.3):
+            masks = magnitude_masks(m, sparsity, score=positive_first, scope=scope)
+            assert abs(masks_sparsity(masks) - sparsity) < 0.05, (scope, sparsity)
+            assert not masks["0.weight"][0].any()
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.77, 0.95])
 def test_global_prunes_exactly_the_smallest(sparsity):
     m = _mlp()
@@ -144,3 +168,18 @@ def test_unit_masks_hidden_units_and_min_inputs():
         unit_masks(m, 0.5, layers=["1"])
     with pytest.raises(ValueError):
         unit_masks(m, 0.5, compensate=True)
+
+
+def test_unit_pruner_hands_back_the_masks_it_does_not_own():
+    """A cycle pruning biases too (include=("*.bias",)) passes their masks in; the unit
+    pruner masks weights only, and must return the bias masks or the biases train back."""
+    from srfx.cycle import unit_pruner
+
+    m = _mlp()
+    x = torch.randn(64, 12)
+    bias_mask = torch.ones(16, dtype=torch.bool)
+    bias_mask[:5] = False
+    for pruner in (unit_pruner(), unit_pruner(x), unit_pruner(x, loss=lambda model: float(model(x).detach().pow(2).mean()))):
+        out = pruner(m, 0.3, {"0.bias": bias_mask})
+        assert torch.equal(out["0.bias"], bias_mask)
+        assert masks_sparsity({k: v for k, v in out.items() if k.endswith("weight")}) > 0.2
