@@ -84,9 +84,10 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
     """
     carried = 0
     old_params = dict(old_model.named_parameters())
+    held = {id(p) for group in new.param_groups for p in group["params"]}
     for name, p in new_model.named_parameters():
         q = old_params.get(name)
-        if q is None or q not in old.state:
+        if q is None or q not in old.state or id(p) not in held:  # only what ``new`` optimizes
             continue
         sliced = _slice_state(old.state[q], kept.get(name, {}), p.shape)
         if sliced is not None:

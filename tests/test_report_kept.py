@@ -92,6 +92,10 @@ def test_a_users_optimizer_follows_the_compress():
     new.zero_grad()
     nn.functional.cross_entropy(small(x), y).backward()
     new.step()  # shapes agree: the carried state trains
+    partial = torch.optim.SGD([small.get_parameter("4.weight")], lr=0.1, momentum=0.9)  # the user trains the head only
+    assert carry_optimizer_state(opt, partial, m, small, kept) == 1
+    assert list(partial.state) == [small.get_parameter("4.weight")]
+    partial.state_dict()  # every state entry is a parameter the optimizer holds
 
 
 def test_a_bias_that_batchnorm_folding_created_is_not_the_models():
