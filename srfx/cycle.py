@@ -71,7 +71,10 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .pruners import Pruner, kept_indices, magnitude_pruner, ungather, unit_pruner
+from .errors import InputError
+from .passes.mask import prunable_parameters
 from .report import count_macs, count_nonzero, count_parameters, count_stored
+from .tracing import bake_masks, private_copy
 from .supervised import SupervisedLoop, TensorBatches, _Progress, carry_optimizer_state
 
 __all__ = ["SqueezeRelease", "Schedule", "ReleaseSettings", "SupervisedLoop", "CycleRecord", "TensorBatches", "sparsity_of", "kept_indices", "carry_optimizer_state", "unit_pruner", "magnitude_pruner", "ungather"]
@@ -233,7 +236,14 @@ class SqueezeRelease:
             if pruner not in ("magnitude", "unit"):
                 raise ValueError(f"pruner must be 'magnitude', 'unit' or a callable, got {pruner!r}")
             pruner = magnitude_pruner(pruner, include)
-        self.model = copy.deepcopy(model)  # the driver trains its own copy
+        if not isinstance(model, nn.Module):
+            raise InputError(f"SqueezeRelease takes a torch.nn.Module, got {type(model).__name__}")
+        # the driver trains its own copy, with the masks the model carries (torch.nn.utils.prune,
+        # parametrize, as torch.ao sparsifiers leave them) baked in as exact zeros
+        self.model = bake_masks(private_copy(model))
+        if not prunable_parameters(self.model, include):
+            raise InputError("nothing to prune: the model has no trainable Linear/Conv weights"
+                             + (f" and no trainable parameter matches include={tuple(include)}" if include else " (see include=)"))
         self.example_input = example_input
         self.train_fn, self.evaluate_fn = train, evaluate
         self.schedule, self.release_settings = schedule, release
@@ -274,6 +284,10 @@ class SqueezeRelease:
             optimizer_snapshot = self._optimizer_state()
             new_masks = self.pruner(model, s_next, masks)
             apply_masks(model, new_masks)
+            if sparsity_of(model, self.include) <= s:
+                model.load_state_dict(snapshot)
+                self.log(f"  the pruner freed nothing at {s_next:.1%}: pruning stops at {s:.1%}")
+                break
             if sched.target_params is not None and rate / 2 >= sched.min_rate and self._deployable(model) < sched.overshoot * sched.target_params:
                 model.load_state_dict(snapshot)  # far below target_params: a smaller step lands nearer
                 rate /= 2

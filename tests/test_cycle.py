@@ -377,3 +377,56 @@ def test_group_pruner_with_loss_measured_costs_drives_the_cycle(digits, trained)
     stored = [r.stored for r in sr.history]
     assert stored[0] < count_stored(trained) and stored[1] < stored[0]
     assert all(r.nnz == r.stored for r in sr.history)
+
+
+def test_models_masked_by_torch_prune_or_parametrize_are_driven_with_their_masks(digits, trained):
+    """The driver bakes the masks a model carries into its own copy (deepcopy refused
+    torch.nn.utils.prune's computed weight; parametrize's weight was no Parameter, so nothing
+    looked prunable); those weights stay pruned, and the user's model keeps its masks."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils import prune
+
+    torch.set_num_threads(1)
+    (x, y), (vx, vy) = digits
+
+    class Keep(nn.Module):
+        def __init__(self, keep):
+            super().__init__()
+            self.register_buffer("keep", keep)
+
+        def forward(self, w):
+            return w * self.keep
+
+    pruned, parametrized = copy.deepcopy(trained), copy.deepcopy(trained)
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    keep = torch.rand(64, 64, generator=torch.Generator().manual_seed(1)) > 0.5
+    parametrize.register_parametrization(parametrized[0], "weight", Keep(keep))
+    for model, masked in ((pruned, pruned[0].weight_mask.bool()), (parametrized, keep)):
+        sr = SqueezeRelease.supervised(
+            model, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False), lr=1e-3, log=None,
+            schedule=Schedule(cycles=1, target_sparsity=0.6, recovery_epochs=0.25, finetune_epochs=0.25, tolerance=1.0),
+        )
+        assert sparsity_of(sr.model) > 0.25  # layer 0's masked half counts as pruned from the start
+        sr.run()
+        assert not sr.model[0].weight[~masked].any()  # ... and stays pruned through training
+    assert hasattr(pruned[0], "weight_orig") and parametrize.is_parametrized(parametrized[0])
+
+
+def test_nothing_to_prune_is_an_error_and_a_pruner_that_frees_nothing_stops_the_cycle(digits, trained):
+    import srfx
+
+    torch.set_num_threads(1)
+    (x, y), (vx, vy) = digits
+    frozen = copy.deepcopy(trained).requires_grad_(False)
+    with pytest.raises(srfx.InputError, match="nothing to prune"):
+        SqueezeRelease.supervised(frozen, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False))
+    trains = []
+    sr = SqueezeRelease.supervised(
+        trained, x[:8], TensorBatches(x, y, 64, True), TensorBatches(vx, vy, 500, False), log=None,
+        pruner=lambda model, sparsity, masks: dict(masks),  # never frees a weight
+        schedule=Schedule(cycles=1, target_sparsity=0.9, recovery_epochs=0.25, finetune_epochs=0.25, tolerance=1.0),
+    )
+    train = sr.train_fn
+    sr.train_fn = lambda model, epochs, masks: (trains.append(epochs), train(model, epochs, masks))[1]
+    sr.run()
+    assert sr.history[0].prune_steps == 0 and trains == [0.25]  # the fine-tuning only: no recovery for nothing
