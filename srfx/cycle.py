@@ -61,6 +61,7 @@ import copy
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -162,10 +163,10 @@ class Schedule:
             raise ValueError(f"max_prune_steps must be >= 1, got {self.max_prune_steps}")
         if self.target_params is not None and self.target_params < 1:
             raise ValueError(f"target_params must be a positive parameter count, got {self.target_params}")
-        negative = [name for name in ("tolerance", "recovery_epochs", "release_epochs") if getattr(self, name) < 0]
-        negative += ["finetune_epochs"] if any(e < 0 for e in self.finetune) else []
-        if negative:
-            raise ValueError(f"{', '.join(negative)} must not be negative")
+        negative = [name for name in ("tolerance", "recovery_epochs", "release_epochs") if not getattr(self, name) >= 0]
+        negative += ["finetune_epochs"] if not all(e >= 0 for e in self.finetune) else []
+        if negative:  # NaN too: a NaN tolerance rolled every step back
+            raise ValueError(f"{', '.join(negative)} must be numbers >= 0")
 
     @property
     def targets(self) -> list[float]:
@@ -235,12 +236,17 @@ class SqueezeRelease:
         if isinstance(pruner, str):
             if pruner not in ("magnitude", "unit"):
                 raise ValueError(f"pruner must be 'magnitude', 'unit' or a callable, got {pruner!r}")
+            if schedule.target_params is not None:
+                warnings.warn(f"target_params with pruner={pruner!r}: each cycle's target assumes every weight it prunes leaves the "
+                              "deployable model, which scattered zeros seldom do, so the run may stop short of target_params; "
+                              "srfx.cycle.unit_pruner or srfx.group_pruning.group_pruner remove whole units", stacklevel=2)
             pruner = magnitude_pruner(pruner, include)
         if not isinstance(model, nn.Module):
             raise InputError(f"SqueezeRelease takes a torch.nn.Module, got {type(model).__name__}")
         # the driver trains its own copy, with the masks the model carries (torch.nn.utils.prune,
         # parametrize, as torch.ao sparsifiers leave them) baked in as exact zeros
         self.model = bake_masks(private_copy(model))
+        self._start_shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         if not prunable_parameters(self.model, include):
             raise InputError("nothing to prune: the model has no trainable Linear/Conv weights"
                              + (f" and no trainable parameter matches include={tuple(include)}" if include else " (see include=)"))
@@ -351,7 +357,7 @@ class SqueezeRelease:
     def _save(self, state: dict) -> None:
         if self.checkpoint is None:
             return
-        state = dict(state, history=self.history, models=self.models, release_reports=self.release_reports, reference_accuracy=self.reference_accuracy, rng=torch.get_rng_state())
+        state = dict(state, history=self.history, models=self.models, release_reports=self.release_reports, reference_accuracy=self.reference_accuracy, rng=torch.get_rng_state(), settings=self._settings())
         if self.loop is not None:
             state["loop"] = self.loop.state_dict(state["model"])
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -359,10 +365,37 @@ class SqueezeRelease:
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)  # a crash while writing leaves the previous checkpoint
 
+    def _settings(self) -> dict:
+        """What a checkpoint must have been written with to be resumed by this driver: the
+        schedule, what is pruned and how the optimizer state moves, the starting model's
+        parameter shapes, and the built-in loop's optimizer."""
+        settings = {
+            "schedule": {k: v for k, v in asdict(self.schedule).items() if k != "reference_accuracy"},
+            "include": self.include, "optimizer_state": self.optimizer_state,
+            "release": {f.name: getattr(self.release_settings, f.name) if f.name != "calibration_batch" else getattr(self.release_settings, f.name) is not None
+                        for f in dataclasses.fields(self.release_settings)},
+            "model": self._start_shapes,
+        }
+        if self.loop is not None:
+            make = self.loop.make_optimizer  # a class, a function or a functools.partial of one: its name, no address
+            settings["optimizer"] = getattr(make, "__qualname__", None) or getattr(getattr(make, "func", None), "__qualname__", type(make).__name__)
+        return settings
+
     def _load(self) -> Optional[dict]:
         if self.checkpoint is None or not self.checkpoint.exists():
             return None
-        state = torch.load(self.checkpoint, weights_only=False)
+        try:
+            state = torch.load(self.checkpoint, weights_only=False)
+            missing = [k for k in ("history", "models", "release_reports", "reference_accuracy", "rng", "cycle", "stage", "model") if k not in state]
+        except Exception as exc:  # truncated, not a torch file, unpicklable: say which file
+            raise InputError(f"checkpoint {self.checkpoint} cannot be read ({type(exc).__name__}: {exc}); delete it to start over") from exc
+        if missing:
+            raise InputError(f"checkpoint {self.checkpoint} is not a SqueezeRelease checkpoint (no {', '.join(missing)}); delete it to start over")
+        theirs, ours = state.get("settings"), self._settings()
+        if theirs is not None and theirs != ours:
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise InputError(f"checkpoint {self.checkpoint} was written by a run with other {', '.join(diff)}: "
+                             "resume with the settings it was written with, or pass another checkpoint path")
         self.history, self.models, self.release_reports = list(state["history"]), list(state["models"]), list(state["release_reports"])
         self.reference_accuracy = state["reference_accuracy"]
         torch.set_rng_state(state["rng"])
@@ -483,6 +516,8 @@ class SqueezeRelease:
     def best(self, tolerance: Optional[float] = None) -> tuple[int, fx.GraphModule]:
         """Index and module of the smallest (stored) cycle whose accuracy is within ``tolerance``
         (default: the driver's) of the reference; the most accurate cycle if none is."""
+        if not self.history:
+            raise RuntimeError("no cycle has finished yet: call run() first")
         tol = self.schedule.tolerance if tolerance is None else tolerance
         ok = [i for i, r in enumerate(self.history) if r.accuracy >= self.reference_accuracy - tol]
         # the smallest; at equal size the more accurate (later cycles trained longer), then fewer nonzeros

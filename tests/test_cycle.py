@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -108,6 +109,8 @@ def test_user_callables_and_rollback(digits, trained):
 
 
 def test_bad_arguments(trained):
+    import srfx
+
     f = lambda *a: None  # noqa: E731
     with pytest.raises(ValueError):
         Schedule(cycles=0)
@@ -118,7 +121,8 @@ def test_bad_arguments(trained):
     with pytest.raises(ValueError):
         Schedule(prune_rate=1.0)
     for bad in (dict(min_rate=0.0), dict(prune_rate=0.2, min_rate=0.3), dict(overshoot=1.5), dict(max_prune_steps=0),
-                dict(target_params=0), dict(tolerance=-0.1), dict(recovery_epochs=-1), dict(finetune_epochs=[1, -1, 1])):
+                dict(target_params=0), dict(tolerance=-0.1), dict(tolerance=float("nan")), dict(recovery_epochs=-1),
+                dict(finetune_epochs=[1, -1, 1])):
         with pytest.raises(ValueError):
             Schedule(**bad)
     with pytest.raises(TypeError, match="Schedule"):  # the old flat keyword arguments are gone
@@ -126,6 +130,12 @@ def test_bad_arguments(trained):
     with pytest.raises(TypeError, match="ReleaseSettings"):
         SqueezeRelease(trained, torch.randn(1, 64), f, f, release=False)
     assert Schedule(cycles=2, target_sparsity=[0.5, 0.7], finetune_epochs=3).finetune == [3, 3]
+    with pytest.warns(UserWarning, match="target_params with pruner='magnitude'"):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f, schedule=Schedule(target_params=100))
+    with pytest.raises(RuntimeError, match="run"):
+        SqueezeRelease(trained, torch.randn(1, 64), f, f).best()
+    with pytest.raises(srfx.InputError, match="Module"):
+        SqueezeRelease("not a model", torch.randn(1, 64), f, f)
 
 
 def test_sparsity_of():
@@ -202,6 +212,29 @@ def test_checkpoint_resume_gives_the_same_history(digits, trained, tmp_path, opt
     x = digits[1][0]
     torch.testing.assert_close(final(x), final_full(x))
     assert all(r.optimizer.startswith("sliced" if optimizer_state == "slice" else "rebuilt") for r in resumed.history[:-1])
+
+
+def test_a_checkpoint_from_other_settings_or_damaged_is_refused_by_name(digits, trained, tmp_path):
+    import srfx
+
+    torch.set_num_threads(1)
+    ckpt = tmp_path / "sr.ckpt"
+    short = Schedule(cycles=1, target_sparsity=0.3, recovery_epochs=0.1, finetune_epochs=0.1, tolerance=1.0)
+    _driver(digits, trained, short, checkpoint=ckpt).run()
+    other = dataclasses.replace(short, target_sparsity=0.5)
+    with pytest.raises(srfx.InputError, match=r"sr\.ckpt was written by a run with other schedule"):
+        _driver(digits, trained, other, checkpoint=ckpt).run()
+    with pytest.raises(srfx.InputError, match="other optimizer"):
+        _driver(digits, trained, short, checkpoint=ckpt, optimizer=torch.optim.SGD).run()
+    wider = nn.Sequential(nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(srfx.InputError, match="other model"):
+        _driver(digits, wider, short, checkpoint=ckpt).run()
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(srfx.InputError, match=r"sr\.ckpt cannot be read"):
+        _driver(digits, trained, short, checkpoint=ckpt).run()
+    torch.save({"cycle": 0}, ckpt)
+    with pytest.raises(srfx.InputError, match="not a SqueezeRelease checkpoint"):
+        _driver(digits, trained, short, checkpoint=ckpt).run()
 
 
 def test_sliced_optimizer_state_follows_the_kept_indices():
