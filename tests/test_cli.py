@@ -81,6 +81,35 @@ def test_checkpoint_for_another_model(tmp_path, capsys):
     assert code == 2 and "does not match" in err
 
 
+def test_named_things_that_are_wrong_are_messages_with_exit_2(tmp_path, capsys, checkpoint):
+    """Each of these was a traceback once (or, for --out, came only after the whole compress)."""
+    model, _ = checkpoint
+    state = model.state_dict()
+    state["fc.weight"] = torch.zeros(3, 5)  # a checkpoint of a model with another width
+    wrong_shape = tmp_path / "wrong_shape.pt"
+    torch.save(state, wrong_shape)
+    tiny = tmp_path / "tiny.pt"
+    tiny.write_bytes(b"PK\x03")
+    cases = [
+        (["--checkpoint", str(wrong_shape)], "fc.weight: file (3, 5)"),
+        (["--checkpoint", str(tiny)], "weights_only=True"),
+        (["--out", str(tmp_path / "no" / "such" / "dir" / "a.pt2")], "no directory"),
+        (["--input-shape", "2,x,8"], "--input-shape 2,x,8"),
+    ]
+    for extra, message in cases:
+        argv = ["compress", SPEC, "--input-shape", SHAPE] + extra if "--input-shape" not in extra else ["compress", SPEC] + extra
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert "wrote" not in out
+    code, _, err = _run(["compress", "timm:no_such_model_xyz"], capsys)
+    assert code == 2 and "cannot load timm:no_such_model_xyz" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", SPEC, "--input-shape", SHAPE, "--sparsity", "1.5"])
+    assert exit_.value.code == 2 and "[0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--cycles", "0"])
+
+
 def test_unknown_output_format(capsys, tmp_path):
     code, _, err = _run(["compress", SPEC, "--input-shape", SHAPE, "--out", str(tmp_path / "x.bin")], capsys)
     assert code == 2 and ".pt2" in err
