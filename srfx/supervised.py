@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import InputError
 from .modes import evaluating
 
 __all__ = ["SupervisedLoop", "TensorBatches", "accuracy", "carry_optimizer_state", "distillation_loss"]
@@ -24,7 +25,9 @@ def accuracy(model: nn.Module, batches: Iterable) -> float:
         for x, y in batches:
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
-    return correct / max(1, total)
+    if total == 0:  # an accuracy of 0 would silently pass every rollback check against it
+        raise InputError("no batches to evaluate on: the validation loader is empty")
+    return correct / total
 
 
 class TensorBatches:
@@ -217,7 +220,11 @@ class SupervisedLoop:
                     for g in opt.param_groups:
                         g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * done / steps))
                 opt.zero_grad(set_to_none=True)
-                self._loss(model(x), x, y).backward()
+                loss = self._loss(model(x), x, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {float(loss.detach())} at step {done + 1} of this call: the weights would "
+                                             "turn to NaN (a lower learning rate, or a look at the data, usually helps)")
+                loss.backward()
                 opt.step()
                 if masks:
                     apply_masks(model, masks)
@@ -227,6 +234,8 @@ class SupervisedLoop:
                     steps_left -= 1
                 bar.update()
         bar.close()
+        if epochs > 0 and done == 0:
+            raise InputError("the training loader gave no batches")
         return model.eval()
 
     def evaluate(self, model: nn.Module, loader: Optional[Iterable] = None) -> float:

@@ -463,3 +463,17 @@ def test_nothing_to_prune_is_an_error_and_a_pruner_that_frees_nothing_stops_the_
     sr.train_fn = lambda model, epochs, masks: (trains.append(epochs), train(model, epochs, masks))[1]
     sr.run()
     assert sr.history[0].prune_steps == 0 and trains == [0.25]  # the fine-tuning only: no recovery for nothing
+
+
+def test_the_standard_loop_refuses_empty_loaders_and_a_nan_loss():
+    import srfx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(srfx.InputError, match="validation loader is empty"):
+        SupervisedLoop([(x, y)], []).evaluate(m)  # an accuracy of 0 would have accepted every step
+    with pytest.raises(srfx.InputError, match="training loader gave no batches"):
+        SupervisedLoop([], [(x, y)]).train(m, 1)
+    with pytest.raises(FloatingPointError, match="nan"):
+        SupervisedLoop([(x * float("nan"), y)], [(x, y)]).train(m, 1)
