@@ -49,8 +49,11 @@ distillation from a teacher, Adam, optional cosine learning rate per call).
 interrupted run loses at most the stage in progress. The state holds the model, masks,
 history, compressed models, the torch RNG state and, for :class:`SupervisedLoop`, its optimizer
 state and its loaders' ``generator`` states; a resumed run repeats the uninterrupted one when
-training draws its randomness from those. Files are written with ``torch.save`` (load them
-only from trusted places: they hold GraphModules).
+training draws its randomness from those. The file also records the settings it was written
+with (schedule, ``include``, release, optimizer handling, the starting model's parameter
+shapes, the standard loop's optimizer): a driver with other settings refuses it rather than
+continue someone else's run. Files are written with ``torch.save`` (load them only from trusted
+places: they hold GraphModules).
 
 **Progress.** ``progress=True`` shows a bar per cycle stage (tqdm when installed, else a plain
 status line on stderr); ``log=None`` silences the text log.
