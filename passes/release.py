@@ -147,7 +147,8 @@ def release(
             base = float(nz.abs().mean())
         else:
             base = global_std
-        noise = torch.randn(w.shape, generator=gen, dtype=torch.float64) * base
+        # drawn on the CPU generator (the same noise on any device), then moved to the weight's device
+        noise = (torch.randn(w.shape, generator=gen, dtype=torch.float64) * base).to(w.device)
         plan.append((name, p, zero, noise, base, nz_std))
 
     def write(factor: float) -> None:

@@ -144,8 +144,8 @@ def ungather(model: nn.Module, example_input: Any) -> nn.Module:
         size = inputs[placeholders.index(x)].shape[axis]
         keep = getattr(out, idx.target)
         w = reader.weight.detach()
-        full = torch.zeros((w.shape[0], size) + tuple(w.shape[2:]), dtype=w.dtype)
-        full.index_copy_(1, keep, w)
+        full = torch.zeros((w.shape[0], size) + tuple(w.shape[2:]), dtype=w.dtype, device=w.device)
+        full.index_copy_(1, keep.to(w.device), w)
         reader.weight = nn.Parameter(full, requires_grad=reader.weight.requires_grad)
         if isinstance(reader, nn.Linear):
             reader.in_features = size
