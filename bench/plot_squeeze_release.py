@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             pts = sorted((c["ratio"], c["test_accuracy"]) for c in r["curve"])
             ax.plot([a for a, _ in pts], [100 * b for _, b in pts], "-", color=color, alpha=0.5)
         label = args.labels[i] if args.labels else r["method"]
-        ax.plot(r["ratio"], 100 * r["accuracy"], "o", color=color, label=f"{label} ({r['ratio']:.1f}x, {100 * r['accuracy']:.2f}%)")
+        ax.plot(r["ratio"], 100 * r["accuracy"], "o", color=color, label=f"{label} ({r['ratio']:.3g}x, {100 * r['accuracy']:.2f}%)")
     for j, ref in enumerate(dense_references(runs)):
         ax.axhline(100 * ref - tolerance, color="gray", ls="--", lw=1, alpha=1.0 if j == 0 else 0.5,
                    label=f"dense {100 * ref:.2f}% - {tolerance:g}")
