@@ -110,6 +110,31 @@ def test_verification_error_carries_the_measurement(monkeypatch):
     assert err.value.max_abs_error == pytest.approx(1.0, rel=1e-5)
 
 
+def test_the_candidates_own_float32_rounding_is_judged_in_float64():
+    """A rewrite may round worse than the original in float32 (another order of sums, a bias
+    that absorbed a large constant) while computing the same function; when its error is more
+    than 10x the original's own, the candidate run in float64 decides. A different function
+    still fails."""
+    from srfx import verify as verify_module
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    class RoundsBadly(nn.Module):  # the same function; float32 loses ~5e-4 of x to the 1e4
+        def forward(self, x):
+            return (x + 1e4) - 1e4
+
+    class Different(nn.Module):
+        def forward(self, x):
+            return (x + 1e4) - 1e4 + 1e-3
+
+    x = (torch.randn(4, 16),)
+    assert verify_module.verify(Identity(), RoundsBadly(), x) > 1e-5  # accepted, the float32 error reported
+    with pytest.raises(srfx.VerificationError):
+        verify_module.verify(Identity(), Different(), x)
+
+
 # --- conservative structure -------------------------------------------------------------------
 class BufferWrittenInForward(nn.Module):
     """A running statistic updated in place on every call, then read."""
