@@ -38,17 +38,19 @@ __all__ = ["prunable_parameters", "magnitude_masks", "unit_masks", "unit_score",
 Score = Union[str, Callable[[str, torch.Tensor], torch.Tensor]]
 
 
-def prunable_parameters(model: nn.Module, include: Iterable[str] = ()) -> dict[str, nn.Parameter]:
+def prunable_parameters(model: nn.Module, include: Iterable[str] = (), *, frozen: bool = False) -> dict[str, nn.Parameter]:
     """Weights of Linear/ConvNd modules, plus parameters whose names match ``include``
     (fnmatch patterns, e.g. ``"*.bias"``, ``"*norm*.weight"``, ``"*gamma"``).
 
     Each tensor once, under its first name (a tied weight is one set of weights to rank and
-    release). Frozen parameters (``requires_grad=False``) are left out: no training could
-    recover from pruning them, and weights released into them would never train."""
+    release). Frozen parameters (``requires_grad=False``) are left out unless ``frozen``: no
+    training could recover from pruning them, and weights released into them would never
+    train. (Whole-channel pruning frees a frozen layer's slices with the rest of the channel,
+    so it counts them: ``frozen=True``.)"""
     chosen, seen = {}, set()
 
     def choose(name: str, p) -> None:
-        if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+        if isinstance(p, nn.Parameter) and (p.requires_grad or frozen) and id(p) not in seen:
             seen.add(id(p))
             chosen[name] = p
 

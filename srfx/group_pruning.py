@@ -97,7 +97,7 @@ def group_masks(
     masked."""
     from srfx.passes.mask import prunable_parameters  # the weights the cycle's sparsity counts
 
-    counted = prunable_parameters(model)
+    counted = prunable_parameters(model, frozen=True)  # a channel frees its frozen slices too
     params = dict(model.named_parameters())
     atoms = atoms if atoms is not None else atom_table(model, example_input)
     slices = atoms.slices
@@ -160,7 +160,7 @@ def taylor_costs(
     from srfx.passes.mask import prunable_parameters
     from srfx.tracing import normalize_inputs
 
-    counted = prunable_parameters(model)
+    counted = prunable_parameters(model, frozen=True)  # a channel frees its frozen slices too
     params = dict(model.named_parameters())
     axes: dict[str, set[int]] = defaultdict(set)  # the axes atoms slice, per parameter
     for owned in atoms.slices.values():
