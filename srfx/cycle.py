@@ -389,7 +389,8 @@ class SqueezeRelease:
             return None
         try:
             state = torch.load(self.checkpoint, weights_only=False)
-            missing = [k for k in ("history", "models", "release_reports", "reference_accuracy", "rng", "cycle", "stage", "model") if k not in state]
+            keys = ("history", "models", "release_reports", "reference_accuracy", "rng", "cycle", "stage", "model")
+            missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
         except Exception as exc:  # truncated, not a torch file, unpicklable: say which file
             raise InputError(f"checkpoint {self.checkpoint} cannot be read ({type(exc).__name__}: {exc}); delete it to start over") from exc
         if missing:

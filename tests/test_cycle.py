@@ -232,9 +232,10 @@ def test_a_checkpoint_from_other_settings_or_damaged_is_refused_by_name(digits, 
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # a copy cut short
     with pytest.raises(srfx.InputError, match=r"sr\.ckpt cannot be read"):
         _driver(digits, trained, short, checkpoint=ckpt).run()
-    torch.save({"cycle": 0}, ckpt)
-    with pytest.raises(srfx.InputError, match="not a SqueezeRelease checkpoint"):
-        _driver(digits, trained, short, checkpoint=ckpt).run()
+    for not_ours in ({"cycle": 0}, [1, 2]):
+        torch.save(not_ours, ckpt)
+        with pytest.raises(srfx.InputError, match="not a SqueezeRelease checkpoint"):
+            _driver(digits, trained, short, checkpoint=ckpt).run()
 
 
 def test_sliced_optimizer_state_follows_the_kept_indices():
