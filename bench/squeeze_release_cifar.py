@@ -5,7 +5,7 @@
         [--finetune 1] [--recovery 0.25] [--tolerance 0.02] [--select-tolerance T] [--prune-rate 0.5] [--min-rate 0.03125]
         [--max-prune-steps 30] [--optimizer-state rebuild] [--scores relative] [--calibration 2048]
         [--distill 0] [--temperature 4] [--cycle-lr LR] [--train-subset N] [--batch 128]
-        [--lr 2e-3] [--threads 2] [--out squeeze_release_cifar]
+        [--lr 2e-3] [--threads 2] [--checkpoint PATH] [--out squeeze_release_cifar]
 
 A laptop-CPU budget by default (convnext_atto, a few epochs): the dense baseline is far from a
 converged CIFAR model, so read the ratio at accuracy *relative to that baseline*. The cycle
@@ -50,6 +50,9 @@ Options:
   images (unaugmented, batches of 256, the same images at every step).
 * ``--train-subset N``: the first N training images only (0: all 45,000); ``--batch``,
   ``--threads`` (torch threads), ``--out`` (result name).
+* ``--checkpoint PATH``: the cycle's state after every stage (pruned, fine-tuned, minimized,
+  released; the training loader's position included); the same command rerun after an
+  interruption resumes from it, losing at most the stage in progress.
 
 Writes ``bench/results/<out>.json`` (dataset, model, method, dense_params, params, stored, nnz,
 ratio = dense_params / stored, nnz_ratio, dense_accuracy and accuracy (test), dense_val_accuracy,
@@ -148,6 +151,12 @@ def _loader(x, y, batch, shuffle, augment, seed=0):
 
         def __len__(self):
             return (len(x) + batch - 1) // batch
+
+        def state_dict(self):  # SqueezeRelease checkpoints hold the data order's position
+            return {"epoch": self.epoch, "seed": self.seed}
+
+        def load_state_dict(self, state):
+            self.epoch, self.seed = state["epoch"], state["seed"]
 
         def __iter__(self):
             g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -279,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="torch seed and training data order (the validation split is fixed)")
     ap.add_argument("--cycle-seed", type=int, default=None,
                     help="reseed torch and the training data order after dense training: another run of the cycle from the same dense model (default: continue --seed's streams)")
+    ap.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
+                    help="the cycle's checkpoint (SqueezeRelease checkpoint=): written after every stage, resumed from when it exists")
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="target sparsity: one value or one per cycle")
     ap.add_argument("--finetune", type=float, nargs="+", default=[1.0], help="fine-tuning epochs: one value or one per cycle")
@@ -352,7 +363,7 @@ def main(argv=None) -> int:
     driver = SqueezeRelease.supervised(
         model, example, train, val, lr=args.lr / 4 if args.cycle_lr is None else args.cycle_lr, optimizer=torch.optim.AdamW,
         lr_schedule="cosine", teacher=teacher, distill=args.distill, temperature=args.temperature,
-        schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state, seed=args.cycle_seed or 0,
+        schedule=schedule, pruner=pruner, optimizer_state=args.optimizer_state, seed=args.cycle_seed or 0, checkpoint=args.checkpoint,
     )
     small = driver.run()
     print(driver.table(), flush=True)
@@ -369,7 +380,7 @@ def main(argv=None) -> int:
         "dense_params": dense_params, "params": count_parameters(small), "stored": stored, "nnz": count_nonzero(small),
         "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
         "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
-        "selected_cycle": cycle, "seconds": time.time() - t0, "config": vars(args) | {"data": str(args.data), "dense_cache": str(args.dense_cache) if args.dense_cache else None},
+        "selected_cycle": cycle, "seconds": time.time() - t0, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "history": [r.as_dict() for r in driver.history], "curve": curve, "git": git_state(),
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"

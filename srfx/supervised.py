@@ -17,6 +17,12 @@ from .modes import evaluating
 __all__ = ["SupervisedLoop", "TensorBatches", "accuracy", "carry_optimizer_state", "distillation_loss"]
 
 
+def _stateful(loader) -> bool:
+    """Does the loader keep its own position (``state_dict``/``load_state_dict``, as
+    torchdata's StatefulDataLoader does)? Then a checkpoint holds it."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
 def accuracy(model: nn.Module, batches: Iterable) -> float:
     """Top-1 accuracy of ``model`` over ``(x, y)`` batches, measured in eval mode without
     changing the modes the model's submodules were in."""
@@ -247,8 +253,10 @@ class SupervisedLoop:
         opt = None
         if self.optimizer is not None and self._key == self._params_key(model):
             opt = {names[id(p)]: s for p, s in self.optimizer.state.items() if id(p) in names}
-        gens = [getattr(dl, "generator", None) for dl in (self.train_loader, self.val_loader)]
-        return {"optimizer": opt, "generators": [g.get_state() if isinstance(g, torch.Generator) else None for g in gens], "rebuilds": self.rebuilds, "steps": self.steps}
+        loaders = (self.train_loader, self.val_loader)
+        gens = [getattr(dl, "generator", None) for dl in loaders]
+        return {"optimizer": opt, "generators": [g.get_state() if isinstance(g, torch.Generator) else None for g in gens],
+                "loaders": [dl.state_dict() if _stateful(dl) else None for dl in loaders], "rebuilds": self.rebuilds, "steps": self.steps}
 
     def load_state_dict(self, model: nn.Module, state: dict) -> None:
         self.rebuild_optimizer(model)
@@ -260,3 +268,6 @@ class SupervisedLoop:
         for dl, g in zip((self.train_loader, self.val_loader), state["generators"]):
             if g is not None and isinstance(getattr(dl, "generator", None), torch.Generator):
                 dl.generator.set_state(g)
+        for dl, own in zip((self.train_loader, self.val_loader), state.get("loaders", (None, None))):
+            if own is not None and _stateful(dl):
+                dl.load_state_dict(own)

@@ -133,9 +133,13 @@ def test_cifar_bench_runs_end_to_end_with_distillation(tmp_path, monkeypatch):
     argv = ["--data", str(data), "--dense-epochs", "1", "--cycles", "1", "--sparsity", "0.3", "--finetune", "0.25",
             "--recovery", "0.25", "--max-prune-steps", "1", "--prune-rate", "0.3", "--tolerance", "1.0",
             "--scores", "taylor", "--calibration", "64", "--distill", "0.5", "--cycle-lr", "1e-3",
-            "--batch", "64", "--threads", "1", "--out", "smoke"]
+            "--batch", "64", "--threads", "1", "--checkpoint", str(tmp_path / "cycle.ckpt"), "--out", "smoke"]
     assert bench.main(argv) == 0
     result = json.loads((tmp_path / "bench" / "results" / "smoke.json").read_text())
+    assert (tmp_path / "cycle.ckpt").exists() and result["config"]["checkpoint"] == str(tmp_path / "cycle.ckpt")
+    assert bench.main(argv) == 0  # a rerun resumes from the finished cycle's checkpoint: the same result
+    again = json.loads((tmp_path / "bench" / "results" / "smoke.json").read_text())
+    assert (again["stored"], again["accuracy"], again["history"][0]["prune_steps"]) == (result["stored"], result["accuracy"], result["history"][0]["prune_steps"])
     for field in ("dataset", "model", "method", "dense_params", "params", "nnz", "ratio", "dense_accuracy", "accuracy", "seconds"):
         assert field in result
     assert result["config"]["distill"] == 0.5 and result["config"]["cycle_lr"] == 1e-3

@@ -478,3 +478,28 @@ def test_the_standard_loop_refuses_empty_loaders_and_a_nan_loss():
         SupervisedLoop([], [(x, y)]).train(m, 1)
     with pytest.raises(FloatingPointError, match="nan"):
         SupervisedLoop([(x * float("nan"), y)], [(x, y)]).train(m, 1)
+
+
+def test_a_loader_that_keeps_its_own_position_is_checkpointed():
+    """Loaders with state_dict/load_state_dict (torchdata's StatefulDataLoader, the CIFAR
+    bench's) are saved and restored with the loop, so a resumed run sees the same batches."""
+
+    class Positioned(list):
+        def __init__(self, batches):
+            super().__init__(batches)
+            self.epoch = 0
+
+        def state_dict(self):
+            return {"epoch": self.epoch}
+
+        def load_state_dict(self, state):
+            self.epoch = state["epoch"]
+
+    m = nn.Sequential(nn.Linear(4, 3))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    train = Positioned(batches)
+    train.epoch = 7
+    state = SupervisedLoop(train, batches).state_dict(m)
+    fresh = Positioned(batches)
+    SupervisedLoop(fresh, batches).load_state_dict(m, state)
+    assert fresh.epoch == 7
