@@ -245,9 +245,7 @@ def _resume_dense(checkpoint: Path, key: dict, model, opt, sched, loader) -> int
         return 0
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if state.get("key") != key:
-        theirs = state.get("key") or {}
-        diff = {k: (theirs.get(k), key.get(k)) for k in set(theirs) | set(key) if theirs.get(k) != key.get(k)}
-        raise SystemExit(f"checkpoint {checkpoint} was written for other training (file vs this run: {diff}); "
+        raise SystemExit(f"checkpoint {checkpoint} was written for other training ({key_mismatch(state.get('key'), key)}); "
                          "pass another path or delete it")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
@@ -264,6 +262,14 @@ def _save_atomically(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def key_mismatch(stored, expected: dict) -> str:
+    """What differs between the key a file was written with and this run's, for the message."""
+    stored = stored if isinstance(stored, dict) else {}
+    diff = ", ".join(f"{k}: file {stored.get(k)!r} vs run {expected.get(k)!r}" for k in sorted(set(stored) | set(expected), key=str)
+                     if stored.get(k) != expected.get(k))
+    return diff or f"file key {stored!r}"
 
 
 def dense_cache_key(model: str, dense_epochs: float, seed: int, lr: float, batch: int, train_subset: int) -> dict:
@@ -327,8 +333,7 @@ def main(argv=None) -> int:
         cached = torch.load(args.dense_cache, map_location="cpu", weights_only=False)
         stored_key = cached.get("key", {}) if isinstance(cached, dict) else {}
         if stored_key != cache_key:
-            diff = ", ".join(f"{k}: file {stored_key.get(k)!r} vs run {v!r}" for k, v in cache_key.items() if stored_key.get(k) != v)
-            raise SystemExit(f"--dense-cache {args.dense_cache} was written for another dense model ({diff or repr(stored_key)}); "
+            raise SystemExit(f"--dense-cache {args.dense_cache} was written for another dense model ({key_mismatch(stored_key, cache_key)}); "
                              "pass another path or delete the file")
         model.load_state_dict(cached["state_dict"])
         model.eval()

@@ -123,8 +123,8 @@ def main(argv=None) -> int:
 
     data = cifar_data(args.data, cfg["batch"], cfg.get("train_subset", 0), args.seed)
     train, val, test = data.train, data.val, data.test
-    key = {"run": args.run, "full_width": args.full_width, "epochs": epochs, "seed": args.seed, "lr": cfg["lr"], "batch": cfg["batch"]}
-    model = train_dense(model, train, epochs, cfg["lr"], checkpoint=args.checkpoint, key=key)
+    checkpoint_key = {"run": args.run, "full_width": args.full_width, "epochs": epochs, "seed": args.seed, "lr": cfg["lr"], "batch": cfg["batch"]}
+    model = train_dense(model, train, epochs, cfg["lr"], checkpoint=args.checkpoint, key=checkpoint_key)
     if args.full_width and args.save_dense_cache is not None:
         key = dense_cache_key(cycle["model"], epochs, args.seed, cfg["lr"], cfg["batch"], cfg.get("train_subset", 0))
         save_dense_cache(args.save_dense_cache, key, model, train)
