@@ -14,6 +14,13 @@ import srfx
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "squeeze_release_mnist.py"
 
 
+def _cifar_bench():
+    spec = importlib.util.spec_from_file_location("squeeze_release_cifar", BENCH.parent / "squeeze_release_cifar.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _bench():
     spec = importlib.util.spec_from_file_location("squeeze_release_mnist", BENCH)
     mod = importlib.util.module_from_spec(spec)
@@ -122,9 +129,7 @@ def test_cifar_bench_runs_end_to_end_with_distillation(tmp_path, monkeypatch):
     import pytest
 
     pytest.importorskip("timm")
-    spec = importlib.util.spec_from_file_location("squeeze_release_cifar", BENCH.parent / "squeeze_release_cifar.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _cifar_bench()
     data = tmp_path / "cifar10"
     data.mkdir()
     _fake_cifar(data, 5000 + 256, 200)  # the fixed split holds out 5,000 for validation
@@ -147,13 +152,6 @@ def test_cifar_bench_runs_end_to_end_with_distillation(tmp_path, monkeypatch):
     program = torch.export.load(str(tmp_path / "bench" / "results" / "smoke.pt2"))
     assert sum(p.numel() for p in program.parameters()) == result["params"]
     assert program.module()(torch.rand(3, 3, 32, 32)).shape == (3, 10)
-
-
-def _cifar_bench():
-    spec = importlib.util.spec_from_file_location("squeeze_release_cifar", BENCH.parent / "squeeze_release_cifar.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 class _Interrupted(Exception):
