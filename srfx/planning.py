@@ -144,7 +144,7 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
     for site in sites:
         for role in site.readers:
             absorbs[role.node] = site.removable_out
-    bias_uses = _bias_uses(coupling.graph_module)
+    bias_uses = _bias_uses(coupling)
     out = []
     for role in coupling.roles:
         if role.kind != "reader" or role.fold is None:
@@ -175,15 +175,12 @@ def _readers(coupling: Coupling, constants: Constants, sites: tuple[NormSite, ..
     return out
 
 
-def _bias_uses(gm: torch.fx.GraphModule) -> dict[str, int]:
+def _bias_uses(coupling: Coupling) -> dict[str, int]:
     """Bias qualname -> how many graph uses it has: the calls of the module it belongs to (a
     module called twice folds into one bias) plus every read of it as an attribute."""
-    uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            key = f"{node.target}.bias"
-            uses[key] = uses.get(key, 0) + 1
-        elif node.op == "get_attr":
+    uses = {f"{module}.bias": calls for module, calls in coupling.module_calls().items()}
+    for node in coupling.graph_module.graph.nodes:
+        if node.op == "get_attr":
             uses[node.target] = uses.get(node.target, 0) + len(node.users)
     return uses
 
