@@ -139,18 +139,11 @@ def _patch_size_reads(gm: fx.GraphModule, site: NormSite) -> None:
 
 def _narrowed(plan: Plan, site: NormSite, keep, gamma, beta, emit_u: bool, emit_v: bool, prior) -> CompensatedLayerNorm:
     """The norm over ``keep``: from the original norm, or from an earlier compensated one
-    (same total count; the removed constants' sums grow)."""
+    (same total count; the removed constants' statistics grow)."""
     if prior is None:
         total = plan.coupling.dims[site.in_dim].size
         return CompensatedLayerNorm.from_parts(total, keep, site.constants, site.eps, gamma, beta, emit_u, emit_v, -1, site.centered, _emits_one(site, None))
-    removed = torch.ones(prior.kept, dtype=torch.bool)
-    removed[keep] = False
-    c = torch.as_tensor(site.constants, dtype=torch.float64)[removed]
-    return CompensatedLayerNorm(
-        len(keep), prior.total, prior.removed_sum + c.sum().item(), prior.removed_sq_sum + (c * c).sum().item(), prior.eps,
-        gamma.detach()[keep] if gamma is not None else None, beta.detach()[keep] if beta is not None else None,
-        emit_u, emit_v, prior.channel_dim, prior.centered, _emits_one(site, prior),
-    )
+    return prior.narrowed(keep, site.constants[: prior.kept], emit_u, emit_v, _emits_one(site, prior))
 
 
 def compensate_ln(gm: fx.GraphModule, plan: Plan) -> PassResult:

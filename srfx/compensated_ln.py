@@ -38,12 +38,20 @@ class CompensatedLayerNorm(nn.Module):
         channel_dim: int = -1,
         centered: bool = True,
         emit_one: bool = False,
+        removed_m2: Optional[float] = None,
     ):
         super().__init__()
         if not 0 <= kept <= total:
             raise ValueError(f"kept={kept} must be between 0 and total={total}")
         self.kept, self.total, self.eps, self.channel_dim = kept, total, eps, channel_dim
         self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
+        n_removed = total - kept
+        # the removed constants' sum of squares about their own mean: the variance needs
+        # sum_R (c - mu)^2 = M2 + n (cbar - mu)^2, which does not cancel when the stream sits
+        # far from zero (sum c^2 - 2 mu sum c + n mu^2 does)
+        if removed_m2 is None:
+            removed_m2 = removed_sq_sum - removed_sum * removed_sum / n_removed if n_removed else 0.0
+        self.removed_m2 = max(float(removed_m2), 0.0)
         if emit_v and not centered:
             raise ValueError("an RMSNorm (centered=False) has no mean: only u can be emitted")
         self.emit_u, self.emit_v, self.centered, self.emit_one = emit_u, emit_v, centered, emit_one
@@ -52,6 +60,13 @@ class CompensatedLayerNorm(nn.Module):
         # one entry per emitted channel (not a weight: integers, not counted as stored size);
         # the channel rule ties the emitted channels to it so that a later compress keeps them
         self.register_buffer("emitted", torch.arange(int(emit_u) + int(emit_v) + int(emit_one)))
+
+    def __setstate__(self, state: dict) -> None:
+        # modules pickled before removed_m2 existed: derive it from the sums they carry
+        if "removed_m2" not in state:
+            n = state["total"] - state["kept"]
+            state["removed_m2"] = max(state["removed_sq_sum"] - state["removed_sum"] ** 2 / n, 0.0) if n else 0.0
+        super().__setstate__(state)
 
     @property
     def extra_channels(self) -> int:
@@ -64,25 +79,56 @@ class CompensatedLayerNorm(nn.Module):
         return op(y.transpose(self.channel_dim, -1), t).transpose(self.channel_dim, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # half-precision inputs are normalized in float32, as nn.LayerNorm does: sums of
+        # squares overflow float16 long before the stream itself does
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         d, n_removed = self.total, self.total - self.kept
         c1, c2 = self.removed_sum, self.removed_sq_sum
-        eps = self.eps
+        # eps None (nn.RMSNorm's default): torch.rms_norm takes the epsilon of the dtype it computes in
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if not self.centered:  # RMSNorm: s^2 = (sum_K x^2 + C2) / D
             inv = torch.rsqrt(((x * x).sum(self.channel_dim, keepdim=True) + c2) / d + eps)
-            return self._finish(x * inv, x, inv, None)
+            return self._finish(x * inv, inv, None, dtype)
         mu = (x.sum(self.channel_dim, keepdim=True) + c1) / d
         dev = x - mu
-        var = ((dev * dev).sum(self.channel_dim, keepdim=True) + c2 - 2 * mu * c1 + n_removed * mu * mu) / d
-        inv = torch.rsqrt(var + eps)
-        return self._finish(dev * inv, x, inv, mu)
+        squares = (dev * dev).sum(self.channel_dim, keepdim=True)
+        if n_removed:
+            off = c1 / n_removed - mu
+            squares = squares + self.removed_m2 + n_removed * off * off
+        inv = torch.rsqrt(squares / d + eps)
+        return self._finish(dev * inv, inv, mu, dtype)
 
-    def _finish(self, y: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, mu) -> torch.Tensor:
+    def _finish(self, y: torch.Tensor, inv: torch.Tensor, mu, dtype: torch.dtype) -> torch.Tensor:
         if self.weight is not None:
             y = self._per_channel(y, self.weight, torch.mul)
         if self.bias is not None:
             y = self._per_channel(y, self.bias, torch.add)
         extras = ([inv] if self.emit_u else []) + ([mu * inv] if self.emit_v else []) + ([torch.ones_like(inv)] if self.emit_one else [])
-        return torch.cat([y, *extras], dim=self.channel_dim) if extras else y
+        out = torch.cat([y, *extras], dim=self.channel_dim) if extras else y
+        return out.to(dtype)
+
+    def narrowed(self, keep, constants, emit_u: bool, emit_v: bool, emit_one: bool) -> "CompensatedLayerNorm":
+        """This norm keeping only ``keep`` (indices among its kept channels), whose other kept
+        channels now carry ``constants`` (indexed like the kept channels): same total count,
+        the removed constants' statistics merged (Chan et al.'s pairwise update)."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        removed = torch.ones(self.kept, dtype=torch.bool)
+        removed[keep] = False
+        c = torch.as_tensor(constants, dtype=torch.float64)[removed]
+        n_a, n_b = self.total - self.kept, len(c)
+        m2 = self.removed_m2
+        if n_b:
+            mean_b = c.mean().item()
+            m2_b = ((c - mean_b) ** 2).sum().item()
+            delta = mean_b - (self.removed_sum / n_a if n_a else mean_b)
+            m2 = m2 + m2_b + delta * delta * n_a * n_b / (n_a + n_b)
+        return CompensatedLayerNorm(
+            len(keep), self.total, self.removed_sum + c.sum().item(), self.removed_sq_sum + (c * c).sum().item(), self.eps,
+            self.weight.detach()[keep] if self.weight is not None else None, self.bias.detach()[keep] if self.bias is not None else None,
+            emit_u, emit_v, self.channel_dim, self.centered, emit_one, removed_m2=m2,
+        )
 
     def extra_repr(self) -> str:
         kind = "" if self.centered else ", rms"
@@ -110,9 +156,9 @@ class CompensatedLayerNorm(nn.Module):
         c = torch.as_tensor(constants, dtype=torch.float64)[removed]
         w = weight.detach()[keep] if weight is not None else None
         b = bias.detach()[keep] if bias is not None else None
-        if eps is None:  # nn.RMSNorm's default: the machine epsilon of the input's dtype
-            eps = torch.finfo(weight.dtype if weight is not None else torch.get_default_dtype()).eps
-        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), eps, w, b, emit_u, emit_v, channel_dim, centered, emit_one)
+        # eps None (nn.RMSNorm's default) stays None: the machine epsilon of the input's dtype
+        m2 = ((c - c.mean()) ** 2).sum().item() if len(c) else 0.0
+        return cls(len(keep), total, c.sum().item(), (c * c).sum().item(), eps, w, b, emit_u, emit_v, channel_dim, centered, emit_one, removed_m2=m2)
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,87 @@ def test_with_emit_is_the_compensation_computed_for_that_emit(emit, one):
     assert torch.equal(direct.weight, reassembled.weight) and torch.equal(direct.bias, reassembled.bias)
     assert (direct.emit_u, direct.emit_v) == (reassembled.emit_u, reassembled.emit_v) == emit
     assert direct.weight.shape[1] == len(keep) + sum(emit) + one
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 3e3])
+def test_a_stream_far_from_zero_keeps_float32_accuracy(offset):
+    """The variance of a stream whose mean is many spreads away from zero: the removed
+    constants' sum of squares minus 2 mu sum c cancels catastrophically in float32 (at offset
+    1000 the error was 3e-2 of the output); M2 + n (cbar - mu)^2 does not."""
+    norm, reader, keep, constants, x = _setup(48, 12, False, 0)
+    x64 = x + offset
+    constants = constants + offset
+    x64[..., ~torch.isin(torch.arange(48), keep)] = constants[~torch.isin(torch.arange(48), keep)]
+    with torch.no_grad():
+        expected = reader(norm(x64))
+        norm32, reader32 = norm.float(), reader.float()
+        got, _ = _compensated(norm32, reader32, keep, constants.float(), x64.float())
+        own = reader32(norm32(x64.float()))  # the original's own float32 error is the yardstick
+    own_err = (own.double() - expected).abs().max().item()
+    err = (got.double() - expected).abs().max().item()
+    assert err <= 4 * own_err + 1e-6 * expected.abs().max().item(), (err, own_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_statistics_do_not_overflow(dtype):
+    """Half-precision streams are normalized in float32, as nn.LayerNorm does: in float16 the
+    removed constants' sum of squares (96 x 31^2) overflows and the output was all NaN."""
+    d, n_removed = 384, 96
+    norm, reader, keep, constants, x = _setup(d, n_removed, False, 1)
+    removed = ~torch.isin(torch.arange(d), keep)
+    constants[removed] = 31.0
+    x = x * 10 + 30
+    x[..., removed] = 31.0
+    with torch.no_grad():
+        expected = reader(norm(x))
+        got, _ = _compensated(norm.to(dtype), reader.to(dtype), keep, constants, x.to(dtype))
+        own = reader.to(dtype)(norm.to(dtype)(x.to(dtype)))
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    own_err = (own.double() - expected).abs().max().item()
+    assert (got.double() - expected).abs().max().item() <= 3 * own_err
+
+
+def test_rmsnorm_default_eps_is_the_computation_dtypes():
+    """nn.RMSNorm(eps=None) uses the epsilon of the dtype torch.rms_norm computes in (float32
+    for half inputs, float64 for float64): the compensated norm keeps eps None and does the same."""
+    for dtype in (torch.float16, torch.float64):
+        norm = nn.RMSNorm(16, elementwise_affine=False).to(dtype)
+        keep = torch.arange(12)
+        x = (torch.randn(4, 16, dtype=torch.float64) * 1e-4)
+        x[:, 12:] = 0.0
+        cln = CompensatedLayerNorm.from_parts(16, keep, torch.zeros(16), None, None, None, False, False, centered=False)
+        assert cln.eps is None
+        with torch.no_grad():
+            expected, got = norm(x.to(dtype)), cln(x[:, :12].to(dtype))
+        assert torch.equal(got, expected[:, :12]) if dtype == torch.float16 else torch.allclose(got, expected[:, :12], rtol=1e-12, atol=0)
+
+
+def test_narrowing_twice_merges_the_removed_statistics():
+    """A compensated norm narrowed again (the next Squeeze-Release cycle) equals the norm
+    narrowed once by the union of the removals."""
+    d = 20
+    norm, reader, keep, constants, x = _setup(d, 0, False, 2)
+    constants = constants + 50.0
+    first = torch.tensor([1, 4, 9, 15])
+    keep1 = torch.tensor([i for i in range(d) if i not in first.tolist()])
+    once = CompensatedLayerNorm.from_parts(d, keep1, constants, 1e-5, norm.weight, norm.bias, False, False)
+    keep2_local = torch.tensor([i for i in range(len(keep1)) if i not in (0, 7, 11)])
+    twice = once.narrowed(keep2_local, constants[keep1], False, False, False)
+    direct = CompensatedLayerNorm.from_parts(d, keep1[keep2_local], constants, 1e-5, norm.weight, norm.bias, False, False)
+    assert twice.kept == direct.kept and twice.total == d
+    assert twice.removed_m2 == pytest.approx(direct.removed_m2, rel=1e-12)
+    assert twice.removed_sum == pytest.approx(direct.removed_sum, rel=1e-12)
+    xs = torch.randn(3, d, dtype=torch.float64) + 50
+    with torch.no_grad():
+        assert torch.allclose(twice(xs[:, keep1[keep2_local]]), direct(xs[:, keep1[keep2_local]]), rtol=1e-12, atol=1e-12)
+
+
+def test_modules_pickled_before_removed_m2_still_run():
+    import pickle
+
+    norm, reader, keep, constants, x = _setup(10, 3, False, 3)
+    cln = CompensatedLayerNorm.replacing(norm, keep, constants, False, False)
+    expected = cln(x[..., keep])
+    del cln.__dict__["removed_m2"]  # as an older srfx pickled it
+    again = pickle.loads(pickle.dumps(cln))
+    assert torch.allclose(again(x[..., keep]), expected, rtol=1e-10, atol=1e-12)
