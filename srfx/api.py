@@ -16,7 +16,7 @@ from .coupling import Coupling, coupling_groups
 from .errors import InputError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
-from .tracing import Traced, _FactRecorder, hooked_modules, preserved_buffers, trace, working_copy
+from .tracing import Traced, _FactRecorder, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
 from .verify import verify as _verify
 
 __all__ = ["analyze", "plan", "compress", "REPORT_KEY"]
@@ -106,6 +106,7 @@ def compress(
 
     if not isinstance(model, nn.Module):
         raise InputError(f"srfx.compress takes a torch.nn.Module, got {type(model).__name__}")
+    refuse_wrappers(model)
     notes = []
     if model.training:
         notes.append("the model is in train mode: srfx compresses its eval-mode function (BatchNorm running statistics, no dropout)")

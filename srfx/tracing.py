@@ -187,8 +187,42 @@ def _defaults_not_given(model: torch.nn.Module, n_given: int) -> dict:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    params = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {p.name: p.default for p in params[n_given:] if p.default is not p.empty}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keyword_only = [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return {p.name: p.default for p in positional[n_given:] + keyword_only if p.default is not p.empty}
+
+
+# wrappers whose forward is not the model's: tracing them fails with fx messages about the
+# wrapper's machinery, so name the model inside instead
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DataParallel": "module",
+    "DistributedDataParallel": "module",
+    "FullyShardedDataParallel": "module",
+}
+
+
+def refuse_wrappers(model: torch.nn.Module) -> None:
+    inner = _WRAPPERS.get(type(model).__name__)
+    if inner is not None and isinstance(getattr(model, inner, None), torch.nn.Module):
+        raise InputError(
+            f"{type(model).__name__} wraps the model: pass the model itself (model.{inner}) to srfx, "
+            "and wrap the compressed result again if you need to."
+        )
+
+
+def _signature_advice(model: torch.nn.Module) -> str:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    kinds = {p.kind for p in params}
+    if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds:
+        return (f"{type(model).__name__}.forward takes *args or **kwargs: fx traces a fixed signature, so wrap the model "
+                "in a module whose forward names each input it takes.\n")
+    return ""
 
 
 def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer, n_inputs: int) -> fx.GraphModule:
@@ -346,6 +380,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"srfx works on torch.nn.Module instances, got {type(model).__name__}.")
+    refuse_wrappers(model)
     inputs = normalize_inputs(example_input)
     failures = []
     leaf_modules, leaf_functions = _timm_leaves()
@@ -362,7 +397,7 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
             continue
         _propagate_shapes(gm, inputs)
         return Traced(gm, inputs, front_end)
-    raise TraceError(f"could not trace {type(model).__name__} with torch.fx:\n  " + "\n  ".join(failures) + "\n" + _advice(failures))
+    raise TraceError(f"could not trace {type(model).__name__} with torch.fx:\n  " + "\n  ".join(failures) + "\n" + _signature_advice(model) + _advice(failures))
 
 
 _LEAF = "or register the module as a leaf (timm.layers.register_notrace_module), which srfx then keeps whole"

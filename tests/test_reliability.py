@@ -376,3 +376,95 @@ def test_traces_in_two_threads_do_not_record_each_other():
     assert fx_proxy.dis is original_dis
     for traced in results.values():
         assert [n.op for n in traced.graph_module.graph.nodes] == ["placeholder", "call_module", "call_method", "output"]
+
+
+def test_a_nan_output_is_never_a_small_error():
+    """max(0.0, nan) is 0.0: a candidate that outputs NaN once passed with error 0. NaN or
+    infinity where the reference is finite is an infinite error, whatever the float64
+    second opinion says."""
+    from srfx import verify as verify_module
+
+    class Overflows(nn.Module):  # float64 says it is the identity; float16 overflows to inf - inf
+        def forward(self, x):
+            return (x * 1e3 * 1e3) / 1e3 / 1e3
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    x = (torch.randn(4, 16).half(),)
+    abs_err, rel_err, ok = verify_module.compare_outputs(x[0], torch.full_like(x[0], float("nan")))
+    assert not ok and abs_err == float("inf")
+    with pytest.raises(srfx.VerificationError):
+        verify_module.verify(Identity(), Overflows(), x)
+    both_nan = torch.tensor([float("nan"), 1.0])
+    assert verify_module.compare_outputs(both_nan, both_nan.clone())[2], "NaN where the original has NaN agrees"
+
+
+def test_keyword_only_optional_arguments_are_fixed_at_their_defaults():
+    class KwOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x, *, mask=None, scale=2.0):
+            y = self.fc2(torch.relu(self.fc1(x))) * scale
+            return y if mask is None else y * mask
+
+    m = KwOnly().eval()
+    with torch.no_grad():
+        m.fc1.weight[:6] = 0
+        m.fc1.bias[:6] = -1
+    x = torch.randn(2, 8)
+    small = srfx.compress(m, x)
+    assert small.fc1.out_features == 10
+    torch.testing.assert_close(small(x), m(x))
+
+
+def test_wrappers_name_the_model_inside():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    for wrapped, inner in ((nn.DataParallel(m), "model.module"), (torch.compile(m), "model._orig_mod")):
+        for call in (srfx.compress, srfx.analyze, srfx.plan):
+            with pytest.raises(srfx.InputError, match=inner.replace(".", r"\.")):
+                call(wrapped, torch.randn(2, 8))
+
+
+def test_forward_with_star_args_is_told_to_name_its_inputs():
+    class VarArgs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, *xs):
+            return sum(self.fc(x) for x in xs)
+
+    with pytest.raises(srfx.TraceError, match="names each input"):
+        srfx.compress(VarArgs(), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("width, compensated", [(64, False), (4, True)])
+def test_compensation_is_used_only_where_it_makes_the_model_smaller(width, compensated):
+    """One dead stream channel under a LayerNorm whose reader is wide: the reader's u and v
+    columns cost more than the channel frees (148 -> 158 stored before), so the channel stays
+    and the model keeps its size. A narrow reader still gets the compensation."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.ln, self.head = nn.Linear(3, 16 if compensated else 6), nn.LayerNorm(16 if compensated else 6), nn.Linear(16 if compensated else 6, width)
+
+        def forward(self, x):
+            return self.head(self.ln(self.inp(x)))
+
+    torch.manual_seed(0)
+    m = Block().eval()
+    with torch.no_grad():
+        m.inp.weight[0] = 0
+        m.inp.bias[0] = 0.7
+    x = torch.randn(2, 3)
+    small = srfx.compress(m, x)
+    r = report(small)
+    assert r.stored_after <= r.stored_before
+    assert r.compensated_norms == int(compensated)
+    assert (r.stored_after < r.stored_before) == compensated
+    torch.testing.assert_close(small(x), m(x))
+    assert len(srfx.plan(m, x).compensations) == int(compensated), "srfx.plan shows what compress does"
