@@ -74,14 +74,47 @@ def _kept_indices(before: fx.GraphModule, after: fx.GraphModule, removal: Plan) 
     return kept
 
 
+# a compensated norm costs its readers up to three columns (u, v, ones) per removed-channel set,
+# and each removed channel frees at least one column of every reader: from this many removed
+# channels on, compensation pays for itself, below it the rewrite is tried both ways
+_COMPENSATION_PAYS_FROM = 4
+
+
+def _rewrite(graph: fx.GraphModule, removal: Plan) -> fx.GraphModule:
+    from srfx.passes import compensate_ln, minimize
+
+    return compensate_ln(minimize(graph, removal).graph_module, removal).graph_module
+
+
+def _smallest_rewrite(graph: fx.GraphModule, coupling: Coupling) -> tuple[Plan, fx.GraphModule]:
+    """The plan and its rewrite, with compensation only where it makes the model smaller: a
+    norm that loses a channel or two can cost its readers more columns than it frees, so such
+    norms are also planned without absorption and the smaller result kept (never larger)."""
+    removal = plan_removal(coupling)
+    result = _rewrite(graph, removal)
+    doubtful = [
+        site.node for site in removal.compensations
+        if site.readers and coupling.dims[site.in_dim].size - len(removal.keep(site.in_dim)) < _COMPENSATION_PAYS_FROM
+    ]
+    unabsorbed: frozenset = frozenset()
+    for node in doubtful:
+        trial = plan_removal(coupling, removal.constants, unabsorbed | {node})
+        candidate = _rewrite(graph, trial)
+        if count_stored(candidate) < count_stored(result):
+            removal, result, unabsorbed = trial, candidate, unabsorbed | {node}
+    return removal, result
+
+
 def analyze(model: nn.Module, example_input: Any) -> Coupling:
     """Trace ``model`` (a copy) and return its channel-coupling groups."""
     return coupling_groups(trace(model, example_input).graph_module)
 
 
 def plan(model: nn.Module, example_input: Any) -> Plan:
-    """What :func:`compress` would remove, as data (``print(plan)`` shows a table)."""
-    return plan_removal(analyze(model, example_input))
+    """What :func:`compress` would remove, as data (``print(plan)`` shows a table).
+    BatchNorm is not folded first, so zero BatchNorm scales do not show here."""
+    graph = trace(model, example_input).graph_module
+    return _smallest_rewrite(graph, coupling_groups(graph))[0]
 
 
 def compress(
@@ -124,15 +157,11 @@ def compress(
     traced: Traced = trace(reference, example_input)
     _check_outputs(reference, traced.example_inputs)
     from srfx.passes import fold_batchnorm as fold_bn
-    from srfx.passes import compensate_ln, minimize
 
     graph = traced.graph_module
     if fold_batchnorm:  # first, so a zero BatchNorm scale shows up as zero conv rows to the plan
         graph = fold_bn(graph).graph_module
-    coupling = coupling_groups(graph)
-    removal = plan_removal(coupling)
-    result = minimize(graph, removal).graph_module
-    result = compensate_ln(result, removal).graph_module
+    removal, result = _smallest_rewrite(graph, coupling_groups(graph))
     if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
     with torch.no_grad(), preserved_buffers(result):

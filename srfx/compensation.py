@@ -246,8 +246,10 @@ def norm_absorption(coupling: Coupling) -> tuple[Absorption, ...]:
     return tuple(found)
 
 
-def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
-    """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free."""
+def compensable_norms(coupling: Coupling, constants, unabsorbed: frozenset = frozenset()) -> tuple[NormSite, ...]:
+    """Every LayerNorm/RMSNorm over one channel axis whose channels compensation could free.
+    Norms named in ``unabsorbed`` are planned as if no reader could take their u and v
+    columns: only channels whose output is constant (gamma = 0) may leave them."""
     sites = []
     calls = coupling.module_calls()
     for norm in norm_absorption(coupling):
@@ -260,6 +262,8 @@ def compensable_norms(coupling: Coupling, constants) -> tuple[NormSite, ...]:
             continue
         out_const = constants.of(out_dim.id)
         readers, why, sizes = norm.readers, norm.why_not, norm.size_reads
+        if name in unabsorbed and why is None:
+            readers, why = (), "planned without absorption: its u and v columns would cost more than the channels save"
         absorbed = np.ones(len(c), dtype=bool) if why is None else ~np.isnan(out_const)
         compensated = eff.meta["norm"] == "compensated"
         if compensated:

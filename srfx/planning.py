@@ -276,7 +276,9 @@ def _fixpoint(coupling: Coupling, readers: list[_Reader], base: np.ndarray, n_at
         kept = need
 
 
-def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> Plan:
+def plan_removal(coupling: Coupling, constants: Optional[Constants] = None, unabsorbed: frozenset = frozenset()) -> Plan:
+    """What goes. ``unabsorbed``: norm nodes whose readers must not take u and v columns
+    (see :func:`srfx.compensation.compensable_norms`)."""
     constants = constants or constant_channels(coupling)
     n_atoms = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0
     base = np.zeros(n_atoms, dtype=bool)
@@ -286,7 +288,7 @@ def plan_removal(coupling: Coupling, constants: Optional[Constants] = None) -> P
                 base[coupling.atoms(coupling.dims[did])] = True
     for did, _ in coupling.needs:
         base[coupling.atoms(coupling.dims[did])] = True
-    sites = compensable_norms(coupling, constants)
+    sites = compensable_norms(coupling, constants, unabsorbed)
     free: dict[int, np.ndarray] = {}
     for site in sites:  # two norms of one value: a channel is free only if both free it
         free[site.in_dim] = free.get(site.in_dim, site.removable) & site.removable
