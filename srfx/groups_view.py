@@ -232,8 +232,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "srfx groups") -> int
         parser.error(str(exc))
     try:
         model, default_shape = load_model(args.model)
-    except (ValueError, ImportError, AttributeError, RuntimeError) as exc:
-        print(f"{prog}: cannot load {args.model}: {exc}", file=sys.stderr)
+    except Exception as exc:  # an unknown timm name, a factory that raises: the model named cannot be built
+        print(f"{prog}: cannot load {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     shape = shape or default_shape
     if shape is None:

@@ -24,7 +24,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_model(spec: str) -> tuple[nn.Module, Optional[tuple[int, ...]]]:
-    """The model named by ``spec`` in eval mode, and its default input shape (or None)."""
+    """The model named by ``spec`` in eval mode, and its default input shape (or None).
+    ``package.module:name`` names a function returning the model, or a model instance."""
     if spec.startswith("timm:"):
         import timm
 
@@ -41,7 +42,7 @@ def load_model(spec: str) -> tuple[nn.Module, Optional[tuple[int, ...]]]:
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    model = obj()
+    model = obj if isinstance(obj, nn.Module) else obj()  # a module instance, or a factory of one
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval(), None

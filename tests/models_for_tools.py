@@ -76,3 +76,12 @@ def defaulted_forward() -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+def needs_an_argument(width: int) -> nn.Module:
+    """A factory the command line cannot call (it takes no arguments)."""
+    return nn.Linear(width, 2)
+
+
+# a model instance, not a factory: the command line takes it as it is
+an_instance = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

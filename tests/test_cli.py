@@ -136,3 +136,17 @@ def test_demo_quick_prints_the_cycle_table(capsys):
     stored = [int(r[2]) for r in rows]
     assert stored[1] <= stored[0] < 64 * 128 + 128 * 64 + 64 * 10 + 128 + 64 + 10  # it shrank, then did not grow
     assert "compressed: widths" in out
+
+
+def test_groups_reports_a_factory_that_cannot_build_and_takes_instances(capsys):
+    """`srfx groups` caught only four exception types from the factory (a TypeError was a
+    traceback), and a module instance was called as if it were a factory."""
+    from srfx.groups_view import main as groups_main
+
+    code = groups_main(["tests.models_for_tools:needs_an_argument", "--input-shape", "1,4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load" in err and "TypeError" in err
+    code = groups_main(["tests.models_for_tools:an_instance", "--input-shape", "1,4"])
+    assert code == 0 and "groups" in capsys.readouterr().out
+    code, _, err = _run(["compress", "tests.models_for_tools:an_instance", "--input-shape", "1,4"], capsys)
+    assert code == 0, err
