@@ -111,3 +111,12 @@ def test_a_bias_that_batchnorm_folding_created_is_not_the_models():
     assert "0.bias" in dict(small.named_parameters()) and "0.bias" not in kept
     assert kept["0.weight"][0].tolist() == [0, 2, 3, 5] and kept["3.weight"][1].tolist() == [0, 2, 3, 5]
     assert set(kept) <= set(dict(m.named_parameters()))
+
+
+def test_the_plan_table_says_how_many_groups_stay_whole_and_why():
+    """The table lists groups that can shrink; the ones kept whole were invisible in it."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[:3] = 0
+    text = str(srfx.plan(m, torch.randn(1, 3, 8, 8)))
+    assert "kept whole (1 group): 1 x axis (1,) of input_1 is not traced to a channel source" in text
