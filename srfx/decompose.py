@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DecomposedMultiheadAttention", "decompose_attention"]
+__all__ = ["DecomposedMultiheadAttention", "decompose_attention", "mixed_calls"]
 
 
 class DecomposedMultiheadAttention(nn.Module):
@@ -26,7 +26,7 @@ class DecomposedMultiheadAttention(nn.Module):
         e, h = mha.embed_dim, mha.num_heads
         self.num_heads, self.head_dim, self.batch_first = h, e // h, mha.batch_first
         w, b = mha.in_proj_weight.detach(), mha.in_proj_bias
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=b is not None) for _ in range(3))
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=b is not None, dtype=w.dtype, device=w.device) for _ in range(3))
         with torch.no_grad():
             for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
                 proj.weight.copy_(w[i * e : (i + 1) * e])
@@ -66,14 +66,26 @@ def _expressible(mha: nn.MultiheadAttention) -> bool:
     )
 
 
-def decompose_attention(model: nn.Module) -> int:
+def decompose_attention(model: nn.Module, keep: frozenset = frozenset()) -> int:
     """Swap every expressible ``nn.MultiheadAttention`` of ``model`` (srfx's own copy: in
-    place) for its decomposed form; returns how many."""
+    place) for its decomposed form, except those named in ``keep``; returns how many."""
     swaps = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            if type(child) is nn.MultiheadAttention and _expressible(child):
+            qualified = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.MultiheadAttention and _expressible(child) and qualified not in keep:
                 swaps.append((module, child_name, child))
     for parent, child_name, child in swaps:
         setattr(parent, child_name, DecomposedMultiheadAttention(child))
     return len(swaps)
+
+
+def mixed_calls(gm) -> frozenset:
+    """Decomposed modules the traced graph calls both ways: the original module for some calls
+    (weights requested, masks) and the decomposed form for others. Both read one out_proj, so
+    the decomposed form would shrink what the original reads whole: leave these modules whole
+    (``decompose_attention(model, keep=...)``) and trace again."""
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    originals = {t[: -len(".original")] for t in targets if t.endswith(".original")}
+    return frozenset(m for m in originals if any(t.startswith(m + ".") and not t.startswith(m + ".original") for t in targets))
+

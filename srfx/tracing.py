@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.proxy import ParameterProxy
 
-from .decompose import decompose_attention
+from .decompose import decompose_attention, mixed_calls
 from .errors import InputError, TraceError
 
 __all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "working_copy", "hooked_modules", "preserved_buffers"]
@@ -388,16 +388,37 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     if leaf_modules or leaf_functions:
         attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
     for front_end, make_tracer in attempts:
-        work = working_copy(model)
-        decompose_attention(work)  # nn.MultiheadAttention as Linear + sdpa: heads become visible
         try:
-            gm = _symbolic_trace(work, make_tracer(), len(inputs))
+            gm, decomposed = _trace_decomposed(model, make_tracer, len(inputs))
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
             failures.append(f"{front_end}: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
             continue
-        _propagate_shapes(gm, inputs)
+        try:
+            _propagate_shapes(gm, inputs)
+        except InputError:
+            if not decomposed:
+                raise
+            # the decomposed form assumes batched (b, n, e) calls; an unbatched (n, e) call, or
+            # anything else it does not express, runs the original modules whole
+            gm = _symbolic_trace(working_copy(model), make_tracer(), len(inputs))
+            _propagate_shapes(gm, inputs)
         return Traced(gm, inputs, front_end)
     raise TraceError(f"could not trace {type(model).__name__} with torch.fx:\n  " + "\n  ".join(failures) + "\n" + _signature_advice(model) + _advice(failures))
+
+
+def _trace_decomposed(model: torch.nn.Module, make_tracer, n_inputs: int) -> tuple[fx.GraphModule, int]:
+    """Trace a working copy whose nn.MultiheadAttention modules are decomposed (heads become
+    visible), except modules the graph calls both decomposed and whole: those stay whole.
+    Returns the graph and how many modules were decomposed."""
+    keep: frozenset = frozenset()
+    while True:
+        work = working_copy(model)
+        decomposed = decompose_attention(work, keep)
+        gm = _symbolic_trace(work, make_tracer(), n_inputs)
+        mixed = mixed_calls(gm) - keep
+        if not mixed:
+            return gm, decomposed
+        keep |= mixed
 
 
 _LEAF = "or register the module as a leaf (timm.layers.register_notrace_module), which srfx then keeps whole"

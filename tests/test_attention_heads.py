@@ -205,3 +205,83 @@ def test_timm_vit_heads_leave():
     assert small.get_submodule("blocks.1.attn.proj").in_features == 2 * hd
     y = torch.randn(2, 3, 32, 32)
     assert_close(model(y), small(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_multihead_attention_decomposes_in_the_models_dtype(dtype):
+    """The decomposed q/k/v Linears were built in the default dtype: a float64 or bfloat16
+    model with an nn.MultiheadAttention could not be compressed at all."""
+    model = _random(MhaBlock(True, need_weights=False).eval(), 3).to(dtype)
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 4:8] = 0
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 1
+    assert small.get_submodule("attn.q_proj").weight.dtype == dtype
+
+
+class CalledTwice(nn.Module):
+    """One module, two kinds of call: one the decomposed form expresses, one it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=True)
+
+    def forward(self, x):
+        y = self.attn(x, x, x, need_weights=False)[0]
+        z, weights = self.attn(y, y, y)  # need_weights=True: the original module computes it
+        return z, weights
+
+
+def test_a_module_called_decomposed_and_whole_stays_whole():
+    """Both calls read one out_proj; the decomposed call sliced it under the whole one (a
+    RuntimeError). Such a module is now left whole, and the result is exact."""
+    model = _random(CalledTwice().eval(), 5)
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 4:8] = 0
+    x = torch.randn(2, 5, 12)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 0
+    y = torch.randn(3, 4, 12)
+    for a, b in zip(model(y), small(y)):
+        assert_close(a, b)
+
+
+def test_unbatched_multihead_attention_runs_whole():
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(12, 3)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = _random(Unbatched().eval(), 6)
+    for length in (5, 12):  # 12 = embed_dim: shapes alone would not tell batched from unbatched
+        x = torch.randn(length, 12)
+        assert_close(model(x), srfx.compress(model, x)(x))
+
+
+def test_a_per_head_attention_mask_keeps_the_heads():
+    """An additive mask with a head axis (ALiBi slopes, a learned relative bias) has one slice
+    per head: removing a head from q/k/v but not from the mask was a RuntimeError."""
+    class Biased(Attention):
+        def __init__(self):
+            super().__init__()
+            self.rel = nn.Parameter(torch.randn(1, self.heads, 1, 1))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, self.heads, self.dk).transpose(1, 2)
+            k = self.k(x).view(b, n, self.heads, self.dk).transpose(1, 2)
+            v = self.v(x).view(b, n, self.heads, self.dv).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel)
+            return self.o(a.transpose(1, 2).reshape(b, n, self.heads * self.dv))
+
+    model = _random(Biased().eval(), 7)
+    with torch.no_grad():
+        model.o.weight[:, 5:10] = 0  # head 1 unread
+    x = torch.randn(2, 6, 12)
+    small = srfx.compress(model, x)
+    assert report(small).heads_removed == 0
+    assert_close(model(x), small(x))

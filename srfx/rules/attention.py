@@ -101,6 +101,9 @@ class ScaledDotProductAttention(ChannelRule):
         mask = env.arg(3, "attn_mask")
         if mask is not None and hasattr(mask, "op"):
             fixed += [(r, f"{node.name}: attention mask") for r in env.dims(mask)]
+            shape = env.shape(mask)
+            if shape is None or (len(shape) >= 3 and shape[-3] > 1):  # one mask per head (ALiBi, relative bias): its heads are not sliced
+                fixed += [(r, f"{node.name}: a per-head attention mask") for r in heads.values()]
         if set(heads) != {"q", "k", "v"}:
             fixed += [(r, f"{node.name}: heads not split as (heads, dims)") for r in heads.values()]
             return Effects(outputs=tuple(outs.values()), links=tuple(links), needs=tuple(needs), fixed=tuple(fixed))
