@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from srfx.errors import InputError
 from srfx.modes import evaluating
 
 __all__ = ["prunable_parameters", "magnitude_masks", "unit_masks", "unit_score", "mask", "apply_masks", "masks_sparsity"]
@@ -92,9 +93,9 @@ def _scores(params: dict[str, torch.Tensor], score: Score, existing: dict) -> di
         elif callable(score):
             s = score(n, w).detach().abs()
             if s.shape != w.shape:
-                raise ValueError(f"score({n!r}) returned shape {tuple(s.shape)}, expected {tuple(w.shape)}")
+                raise InputError(f"score({n!r}) returned shape {tuple(s.shape)}, expected {tuple(w.shape)}")
         else:
-            raise ValueError(f"score must be 'magnitude', 'unit' or a callable, got {score!r}")
+            raise InputError(f"score must be 'magnitude', 'unit' or a callable, got {score!r}")
         # exact zeros (pruned or dead) always count as pruned and rank below every live
         # weight, whose score may be 0 too (a callable's choice, or underflow)
         out[n] = s.masked_fill(w == 0, -1.0)
@@ -116,9 +117,9 @@ def magnitude_masks(
     rising ``sparsity`` is a schedule. ``scope="layer"`` prunes the same fraction of each tensor.
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise InputError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        raise InputError(f"scope must be 'global' or 'layer', got {scope!r}")
     params = prunable_parameters(model, include)
     scores = _scores(params, score, existing or {})
     if scope == "global":
@@ -191,14 +192,14 @@ def unit_masks(
     compensated). Masks are for the ``.weight`` of every Linear/Conv; other tensors are left out.
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise InputError(f"sparsity must be in [0, 1), got {sparsity}")
     if compensate and calibration_batch is None:
-        raise ValueError("compensate=True needs a calibration_batch to measure input means")
+        raise InputError("compensate=True needs a calibration_batch to measure input means")
     mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(getattr(m, "weight", None), nn.Parameter)}
     chosen = set(mods) if layers is None else set(layers)
     unknown = chosen - set(mods)
     if unknown:
-        raise ValueError(f"not Linear/Conv modules of the model: {sorted(unknown)}")
+        raise InputError(f"not Linear/Conv modules of the model: {sorted(unknown)}")
     existing = existing or {}
     weights = {n: m.weight.detach() * existing.get(f"{n}.weight", torch.ones((), dtype=torch.bool)).to(m.weight.dtype) for n, m in mods.items()}
     stats = _input_stats(model, calibration_batch, mods) if calibration_batch is not None else {}
@@ -254,7 +255,7 @@ def masks_sparsity(masks: dict[str, torch.Tensor]) -> float:
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero masked weights in place (call after each optimizer step to keep masks fixed)."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied tensor under any of its names
     with torch.no_grad():
         for name, m in masks.items():
             params[name].mul_(m.to(params[name].dtype))

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
+from srfx.errors import InputError
 from srfx.modes import evaluating
 
 from .mask import prunable_parameters
@@ -117,13 +118,13 @@ def release(
 ) -> tuple[nn.Module, dict[str, torch.Tensor], ReleaseReport]:
     """A copy of ``model`` whose exact-zero weights are small noise; see the module docstring."""
     if mode not in ("relative", "absolute"):
-        raise ValueError(f"mode must be 'relative' or 'absolute', got {mode!r}")
-    if not (scale >= 0.0):
-        raise ValueError(f"scale must be >= 0, got {scale}")
+        raise InputError(f"mode must be 'relative' or 'absolute', got {mode!r}")
+    if not 0.0 <= scale < float("inf"):
+        raise InputError(f"scale must be finite and >= 0, got {scale}")
     if max_output_change is not None and max_output_change < 0:
-        raise ValueError(f"max_output_change must be >= 0, got {max_output_change}")
+        raise InputError(f"max_output_change must be >= 0, got {max_output_change}")
     if max_output_change is not None and calibration_batch is None:
-        raise ValueError("max_output_change needs a calibration_batch to measure the output change on")
+        raise InputError("max_output_change needs a calibration_batch to measure the output change on")
 
     out = copy.deepcopy(model)
     params = prunable_parameters(out, include)

@@ -18,8 +18,9 @@ class TraceError(SrfxError):
     """The model could not be turned into an fx graph (data-dependent control flow, ...)."""
 
 
-class InputError(SrfxError):
-    """The model or example input is not something srfx can work with."""
+class InputError(SrfxError, ValueError):
+    """The model, example input or an argument is not something srfx can work with (also a
+    ValueError, so code that caught the ValueErrors of argument checks still does)."""
 
 
 class RewriteError(SrfxError):

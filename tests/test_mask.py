@@ -183,3 +183,39 @@ def test_unit_pruner_hands_back_the_masks_it_does_not_own():
         out = pruner(m, 0.3, {"0.bias": bias_mask})
         assert torch.equal(out["0.bias"], bias_mask)
         assert masks_sparsity({k: v for k, v in out.items() if k.endswith("weight")}) > 0.2
+
+
+def test_a_weight_tied_to_an_embedding_is_masked_once():
+    """A language model's output Linear shares the Embedding's weight (registered first):
+    prunable_parameters names it by the Linear, named_parameters() only by the Embedding, and
+    apply_masks raised a bare KeyError."""
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(self.emb(x))))
+
+    model = TinyLM().eval()
+    out, masks = mask(model, 0.5)
+    assert out.head.weight is out.emb.weight
+    assert masks_sparsity(masks) == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(out.emb.weight != 0, masks["head.weight"].bool()), "the one tensor carries its mask"
+    srfx.compress(model, torch.randint(0, 20, (2, 5)), sparsity=0.5)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan")])
+def test_argument_errors_are_srfx_input_errors(sparsity):
+    """The README says every error is an SrfxError; argument checks raised plain ValueError
+    (InputError is also a ValueError, so older handlers still catch it)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.raises(srfx.InputError):
+        srfx.compress(model, torch.randn(2, 4), sparsity=sparsity)
+    with pytest.raises(ValueError):
+        mask(model, sparsity)
+    from srfx.passes import release
+
+    with pytest.raises(srfx.InputError, match="finite"):
+        release(model, scale=float("inf"))
