@@ -17,8 +17,10 @@ weights. Its example inputs do: the ones whose dynamo source is a module's ``_pa
 3. compiles the smaller graph with the inner backend (``inductor`` by default) and checks it
    against the captured graph on the example inputs;
 4. returns a function that drops the weight arguments. Before each call it checks that the weights
-   are the same tensors at the same version counter (cheap); if they changed (``load_state_dict``,
-   an optimizer step), it minimizes again from the current values, so results stay exact.
+   are the same tensors, at the same version counter and (by default) with the same values as a
+   copy taken when it minimized (writes through ``.data`` bump no version counter); if they
+   changed (``load_state_dict``, an optimizer step, an EMA update), it minimizes again from the
+   current values, so results stay exact.
 
 A graph it cannot minimize exactly goes to the inner backend unchanged, with a warning that says
 why: gradients are needed (minimization drops parameters autograd would differentiate), the graph
@@ -249,11 +251,21 @@ class Backend:
     ``inner``: the backend that compiles the (minimized) graph: a name (``"inductor"``,
     ``"eager"``, ...) or a compiler function. ``verify``/``random_inputs`` go to
     :func:`srfx.compress`. ``warn=False`` silences the fallback warnings (the reasons stay in
-    ``records``)."""
+    ``records``).
 
-    def __init__(self, inner: Union[str, Callable] = "inductor", *, verify: bool = True, random_inputs: int = 2, warn: bool = True):
+    ``check_weights``: how each call makes sure the weights are still those the graph was
+    minimized from. ``"values"`` (default) compares them with a copy taken then: it sees every
+    change, writes through ``.data`` included, at the cost of that copy and one read of the
+    weights per call. ``"versions"`` only checks tensor identity and version counters: cheap,
+    but a write through ``.data`` bumps no counter, so the graph would run on stale weights.
+    Weights without a version counter (inference tensors) are compared by value either way."""
+
+    def __init__(self, inner: Union[str, Callable] = "inductor", *, verify: bool = True, random_inputs: int = 2, warn: bool = True,
+                 check_weights: str = "values"):
+        if check_weights not in ("values", "versions"):
+            raise ValueError(f"check_weights must be 'values' or 'versions', got {check_weights!r}")
         self.inner = inner
-        self.verify, self.random_inputs, self.warn = verify, random_inputs, warn
+        self.verify, self.random_inputs, self.warn, self.check_weights = verify, random_inputs, warn, check_weights
         self.records: list[GraphRecord] = []
 
     def __repr__(self) -> str:
@@ -278,6 +290,10 @@ class Backend:
                 state["small"] = self._minimized(gm, args, capture, user_positions, t0)
                 state["built_from"] = [(i, args[i], _version(args[i])) for i in capture.weight_positions]
                 state["attributes"] = [(t, _version(t)) for t in attributes]
+                by_value = [(args[i], None) for i in capture.weight_positions] + [(t, None) for t in attributes]
+                if self.check_weights == "versions":  # only what has no version counter to watch
+                    by_value = [(t, v) for t, v in by_value if _version(t) is None]
+                state["values"] = [(t, t.detach().clone()) for t, _ in by_value]
             except _Unsupported as exc:
                 status = "unchanged" if exc.args[0] in _NOTHING_TO_DO else "fallback"
                 state["small"] = None
@@ -285,7 +301,8 @@ class Backend:
 
         def changed(args) -> bool:
             return (any(args[i] is not t or _version(args[i]) != v for i, t, v in state["built_from"])
-                    or any(_version(t) != v for t, v in state["attributes"]))
+                    or any(_version(t) != v for t, v in state["attributes"])
+                    or any(not torch.equal(t, copy) for t, copy in state["values"]))
 
         def run(*args):
             if state["small"] is not None and changed(args):

@@ -150,3 +150,25 @@ def test_weights_held_as_attributes_are_minimized_too():
         run = backend(fx.symbolic_trace(model), [x])
         assert_close(model(x), run(x))
     assert backend.records[0].status == "minimized"
+
+
+def test_writes_through_data_and_inference_tensors_are_seen():
+    """A write through ``.data`` (old-style optimizers, EMA updates, weight clipping) bumps no
+    version counter, and inference tensors have none: the minimized graph ran on its stale copy
+    of the weights. The default check compares values."""
+    model = _pruned(MLP)
+    compiled = torch.compile(model, backend=srfx.Backend("eager", warn=False), dynamic=False)
+    x = torch.randn(4, 784)
+    with torch.no_grad():
+        compiled(x)
+        model.layers[2].weight.data.mul_(2)
+        model.layers[2].bias.data = model.layers[2].bias.data + 1
+        assert_close(model(x), compiled(x))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        served = _pruned(MLP)  # parameters created here are inference tensors
+    compiled = torch.compile(served, backend=srfx.Backend("eager", warn=False, check_weights="versions"), dynamic=False)
+    with torch.inference_mode():
+        compiled(x)
+        served.load_state_dict({k: v * 2 for k, v in served.state_dict().items()})
+        assert_close(served(x), compiled(x))
