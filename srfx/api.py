@@ -102,6 +102,11 @@ def _smallest_rewrite(graph: fx.GraphModule, coupling: Coupling) -> tuple[Plan, 
         candidate = _rewrite(graph, trial)
         if count_stored(candidate) < count_stored(result):
             removal, result, unabsorbed = trial, candidate, unabsorbed | {node}
+    if removal.compensations and count_stored(result) > count_stored(graph):
+        # backstop (the count above makes it unreachable as far as we know): without
+        # compensation the rewrite only removes and folds, which never adds a stored value
+        removal = plan_removal(coupling, removal.constants, frozenset(site.node for site in removal.compensations))
+        result = _rewrite(graph, removal)
     return removal, result
 
 

@@ -468,3 +468,19 @@ def test_compensation_is_used_only_where_it_makes_the_model_smaller(width, compe
     assert (r.stored_after < r.stored_before) == compensated
     torch.testing.assert_close(small(x), m(x))
     assert len(srfx.plan(m, x).compensations) == int(compensated), "srfx.plan shows what compress does"
+
+
+def test_a_compensation_that_would_grow_the_model_is_dropped_by_the_backstop(monkeypatch):
+    """With the per-norm trial switched off, the wide-reader case above still comes back no
+    larger than the input: the last check plans without compensation."""
+    from srfx import api
+
+    monkeypatch.setattr(api, "_COMPENSATION_PAYS_FROM", 0)
+    m = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 64)).eval()
+    with torch.no_grad():
+        m[0].weight[0] = 0
+        m[0].bias[0] = 0.7
+    x = torch.randn(2, 3)
+    r = report(srfx.compress(m, x))
+    assert r.stored_after <= r.stored_before and r.compensated_norms == 0
+
