@@ -226,9 +226,36 @@ def _signature_advice(model: torch.nn.Module) -> str:
 
 
 def _symbolic_trace(model: torch.nn.Module, tracer: fx.Tracer, n_inputs: int) -> fx.GraphModule:
-    graph = tracer.trace(model, concrete_args=_defaults_not_given(model, n_inputs) or None)
+    concrete = _defaults_not_given(model, n_inputs)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    _drop_fixed_arguments(graph)
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _is_specialization_check(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is torch.fx._symbolic_trace._assert_is_none:
+        return True
+    return node.target is torch._assert and "has been specialized" in str(node.args[1] if len(node.args) > 1 else "")
+
+
+def _drop_fixed_arguments(graph: fx.Graph) -> None:
+    """fx keeps each argument fixed at its default (concrete_args) as a placeholder with a check
+    (``_assert_is_none``, or ``torch._assert`` of a comparison). The result takes the example's
+    inputs only, so both go: passing one is then a TypeError rather than a check. (A
+    GraphModule calling ``_assert_is_none`` also breaks every later fx trace in the process once
+    it has been pickled.)"""
+    doomed: list[fx.Node] = []
+    for check in [n for n in graph.nodes if _is_specialization_check(n)]:
+        stack = [check]
+        while stack:  # the check, the comparison it asserts, the placeholder: nothing else reads them
+            node = stack.pop()
+            doomed.append(node)
+            stack += [a for a in node.all_input_nodes if a.op in ("call_function", "placeholder") and len(a.users) == 1]
+    for node in reversed([n for n in graph.nodes if n in set(doomed)]):
+        graph.erase_node(node)
 
 
 def private_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -484,3 +484,43 @@ def test_a_compensation_that_would_grow_the_model_is_dropped_by_the_backstop(mon
     r = report(srfx.compress(m, x))
     assert r.stored_after <= r.stored_before and r.compensated_norms == 0
 
+
+
+_PICKLE_THEN_TRACE = """
+import io, torch, torch.nn as nn, srfx
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+    def forward(self, x, mask=None, flag=False):
+        y = self.fc(x)
+        if mask is not None:
+            y = y * mask
+        return y * 2 if flag else y
+small = srfx.compress(M().eval(), torch.randn(2, 4))
+assert "_assert_is_none" not in small.code and "specialized" not in small.code, small.code
+try:
+    small(torch.randn(2, 4), torch.ones(2, 4))
+except TypeError:
+    pass
+else:
+    raise SystemExit("the result accepted an argument it fixed at its default")
+buf = io.BytesIO(); torch.save(small, buf); buf.seek(0)
+loaded = torch.load(buf, weights_only=False)
+srfx.compress(loaded, torch.randn(2, 4))
+srfx.compress(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4))
+print("ok")
+"""
+
+
+def test_arguments_fixed_at_their_defaults_leave_the_signature_and_pickles_stay_traceable():
+    """fx left `_assert_is_none(mask)` checks in results (timm ViT's attn_mask=None). Once such
+    a GraphModule had been through torch.save/torch.load (a SqueezeRelease checkpoint), every
+    later fx trace in the process failed with KeyError: resuming a ViT run was impossible.
+    Fixed arguments now leave the result's signature. (A subprocess: a regression poisons fx
+    for the whole process.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PICKLE_THEN_TRACE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
