@@ -55,6 +55,16 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
         )
 
 
+def _rebuilt(traced: fx.GraphModule, folded: fx.GraphModule, removal: Plan) -> tuple[str, ...]:
+    """Parameters whose values the rewrite changed beyond slicing: weights and biases BatchNorm
+    folding rescaled, and the weights of readers that absorbed a compensated norm."""
+    before = dict(traced.named_parameters(remove_duplicate=False))
+    names = {n for n, p in folded.named_parameters(remove_duplicate=False)
+             if n in before and (p.shape != before[n].shape or not torch.equal(p, before[n]))}
+    names |= {role.weight for site in removal.compensations for role in site.readers}
+    return tuple(sorted(names))
+
+
 def _kept_indices(before: fx.GraphModule, after: fx.GraphModule, removal: Plan) -> dict:
     """The plan's kept indices for the parameters of ``after`` that really are those slices of
     ``before``'s: the traced model before BatchNorm folding, so a bias that folding gave a
@@ -167,6 +177,7 @@ def compress(
     if fold_batchnorm:  # first, so a zero BatchNorm scale shows up as zero conv rows to the plan
         graph = fold_bn(graph).graph_module
     removal, result = _smallest_rewrite(graph, coupling_groups(graph))
+    rebuilt = _rebuilt(traced.graph_module, graph, removal)
     if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
     with torch.no_grad(), preserved_buffers(result):
@@ -186,6 +197,7 @@ def compress(
         heads=removal.attention_heads(),
         compensated_norms=len(removal.compensations),
         kept=_kept_indices(traced.graph_module, result, removal),  # before BN folding: the model's own names
+        rebuilt=rebuilt,
     )
     for note in notes:
         warnings.warn(note, stacklevel=2)

@@ -460,6 +460,7 @@ class SqueezeRelease:
                 small = srfx.compress(ungather(model.eval(), self.example_input), self.example_input)
                 if self.optimizer_state == "slice" and self.loop is not None:  # where the optimizer state goes
                     info["cuts"] = kept_indices(model, self.example_input, small.meta[srfx.REPORT_KEY].kept)
+                    info["rebuilt"] = small.meta[srfx.REPORT_KEY].rebuilt
                 info["accuracy"] = self.evaluate_fn(small)
                 info["seconds"]["minimize"] = time.perf_counter() - t0
                 self.models.append(small)
@@ -476,7 +477,7 @@ class SqueezeRelease:
                     released = 0
                 optimizer = ""
                 if info.get("cuts") is not None:
-                    done, total = self.loop.adopt(new, model, info["cuts"])
+                    done, total = self.loop.adopt(new, model, info["cuts"], info.get("rebuilt", ()))
                     optimizer = f"sliced ({done} of {total} tensors)"
                 elif self.rebuild_optimizer is not None:
                     self.rebuild_optimizer(new)

@@ -83,6 +83,10 @@ class Report:
     # parameter name -> axis -> indices (LongTensor) of the model's entries it keeps, for every
     # parameter of the result that is a slice of the model's own: optimizer state can follow
     kept: dict = field(default_factory=dict, repr=False, compare=False)
+    # parameters of the result whose values are not just slices of the model's own of that
+    # name (readers a compensated norm rebuilt, convs BatchNorm was folded into): their
+    # optimizer state describes other numbers, so it starts fresh
+    rebuilt: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def heads_removed(self) -> int:

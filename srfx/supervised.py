@@ -80,23 +80,28 @@ def _slice_state(state: dict, cuts: dict[int, torch.Tensor], shape) -> Optional[
     return out
 
 
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, kept: dict) -> int:
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module, kept: dict,
+                          rebuilt: Iterable[str] = ()) -> int:
     """Give ``new`` (an optimizer over ``new_model``'s parameters) the per-parameter state of
     ``old`` (over ``old_model``'s): momentum, Adam's moments and step, sliced with ``kept``
     (parameter name -> axis -> kept indices: a compress report's ``kept``, or
     :func:`srfx.cycle.kept_indices`), carried whole where name and shape match, left fresh
-    where neither fits (a tensor compensation rebuilt). Returns how many parameters got state.
+    where neither fits and for the names in ``rebuilt`` (a compress report's ``rebuilt``:
+    tensors compensation or BatchNorm folding recomputed, whose old state describes other
+    numbers even where the shape matches). Returns how many parameters got state.
 
         >>> small = srfx.compress(model, x)                                   # doctest: +SKIP
         >>> new = torch.optim.Adam(small.parameters(), lr=1e-3)              # doctest: +SKIP
-        >>> carry_optimizer_state(opt, new, model, small, small.meta["srfx_report"].kept)  # doctest: +SKIP
+        >>> report = small.meta["srfx_report"]                               # doctest: +SKIP
+        >>> carry_optimizer_state(opt, new, model, small, report.kept, report.rebuilt)  # doctest: +SKIP
     """
     carried = 0
     old_params = dict(old_model.named_parameters())
     held = {id(p) for group in new.param_groups for p in group["params"]}
+    fresh = set(rebuilt)
     for name, p in new_model.named_parameters():
         q = old_params.get(name)
-        if q is None or q not in old.state or id(p) not in held:  # only what ``new`` optimizes
+        if q is None or q not in old.state or id(p) not in held or name in fresh:  # only what ``new`` optimizes
             continue
         sliced = _slice_state(old.state[q], kept.get(name, {}), p.shape)
         if sliced is not None:
@@ -185,14 +190,14 @@ class SupervisedLoop:
         self.rebuilds += 1
         return self.optimizer
 
-    def adopt(self, new: nn.Module, old: nn.Module, cuts: dict[str, dict[int, torch.Tensor]]) -> tuple[int, int]:
+    def adopt(self, new: nn.Module, old: nn.Module, cuts: dict[str, dict[int, torch.Tensor]], rebuilt: Iterable[str] = ()) -> tuple[int, int]:
         """A fresh optimizer for ``new`` whose per-parameter state is ``old``'s state sliced by
         ``cuts`` (parameter name -> axis -> kept indices; see :func:`kept_indices`); parameters
-        of the same name and shape carry their state over whole. Returns (tensors sliced or
-        carried, tensors of ``new``)."""
+        of the same name and shape carry their state over whole, except those in ``rebuilt``.
+        Returns (tensors sliced or carried, tensors of ``new``)."""
         previous = self.optimizer
         self.rebuild_optimizer(new)
-        done = carry_optimizer_state(previous, self.optimizer, old, new, cuts) if previous is not None else 0
+        done = carry_optimizer_state(previous, self.optimizer, old, new, cuts, rebuilt) if previous is not None else 0
         return done, len(list(new.parameters()))
 
     def _loss(self, out, x, y):

@@ -120,3 +120,56 @@ def test_the_plan_table_says_how_many_groups_stay_whole_and_why():
         m[0].weight[:3] = 0
     text = str(srfx.plan(m, torch.randn(1, 3, 8, 8)))
     assert "kept whole (1 group): 1 x axis (1,) of input_1 is not traced to a channel source" in text
+
+
+def _trained_adam(model, x):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    return opt
+
+
+def test_rebuilt_tensors_start_fresh_even_when_their_shape_did_not_change():
+    """A LayerNorm reader rebuilt by compensation can keep its shape (two channels out, u and v
+    in): its old state was carried whole onto shifted columns. A conv BatchNorm was folded into
+    holds W * gamma / sigma: its old moments are in the units of W. Both are named in
+    report.rebuilt and get no state (kept still says which rows of the conv survived)."""
+    from srfx.cycle import carry_optimizer_state
+
+    class Stream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.embed(x)))
+
+    torch.manual_seed(0)
+    m = Stream()
+    opt = _trained_adam(m, torch.randn(16, 6))
+    with torch.no_grad():
+        m.embed.weight[[2, 5]] = 0
+        m.embed.bias[[2, 5]] = torch.tensor([0.7, -1.3])
+        m.norm.weight.mul_(torch.linspace(0.5, 1.5, 8))
+    small = srfx.compress(m.eval(), torch.randn(4, 6))
+    report = small.meta[srfx.REPORT_KEY]
+    assert small.head.weight.shape == m.head.weight.shape and report.compensated_norms == 1
+    assert "head.weight" in report.rebuilt and "head.weight" not in report.kept
+    new = torch.optim.Adam(small.parameters(), lr=1e-3)
+    carry_optimizer_state(opt, new, m, small, report.kept, report.rebuilt)
+    assert small.head.weight not in new.state and small.embed.weight in new.state
+
+    torch.manual_seed(1)
+    cnn = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 2))
+    x = torch.randn(4, 3, 8, 8)
+    opt = _trained_adam(cnn, x)
+    with torch.no_grad():
+        cnn[1].running_var.uniform_(0.5, 2.0)
+    small = srfx.compress(cnn.eval(), x)
+    report = small.meta[srfx.REPORT_KEY]
+    assert {"0.weight", "0.bias"} <= set(report.rebuilt)
+    new = torch.optim.Adam(small.parameters(), lr=1e-3)
+    carry_optimizer_state(opt, new, cnn, small, report.kept, report.rebuilt)
+    assert small.get_parameter("0.weight") not in new.state and small.get_parameter("4.weight") in new.state
