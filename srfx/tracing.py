@@ -247,14 +247,13 @@ def _drop_fixed_arguments(graph: fx.Graph) -> None:
     inputs only, so both go: passing one is then a TypeError rather than a check. (A
     GraphModule calling ``_assert_is_none`` also breaks every later fx trace in the process once
     it has been pickled.)"""
-    doomed: list[fx.Node] = []
-    for check in [n for n in graph.nodes if _is_specialization_check(n)]:
-        stack = [check]
-        while stack:  # the check, the comparison it asserts, the placeholder: nothing else reads them
-            node = stack.pop()
-            doomed.append(node)
-            stack += [a for a in node.all_input_nodes if a.op in ("call_function", "placeholder") and len(a.users) == 1]
-    for node in reversed([n for n in graph.nodes if n in set(doomed)]):
+    doomed: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if _is_specialization_check(n)]
+    while stack:  # the check, the comparison it asserts, the placeholder: nothing else reads them
+        node = stack.pop()
+        doomed.add(node)
+        stack += [a for a in node.all_input_nodes if a.op in ("call_function", "placeholder") and len(a.users) == 1]
+    for node in reversed([n for n in graph.nodes if n in doomed]):  # users before what they read
         graph.erase_node(node)
 
 
