@@ -524,3 +524,34 @@ def test_arguments_fixed_at_their_defaults_leave_the_signature_and_pickles_stay_
 
     proc = subprocess.run([sys.executable, "-c", _PICKLE_THEN_TRACE], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+class _DeadUnit(nn.Module):
+    """A hidden unit that is a nonzero constant (zero row, bias 0.5) feeding ``combine``."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.a, self.b, self.combine = nn.Linear(6, 8), nn.Linear(8, 3), combine
+        with torch.no_grad():
+            self.a.weight[:2] = 0
+            self.a.bias[:2] = 0.5
+
+    def forward(self, x):
+        return self.b(self.combine(torch.relu(self.a(x)), x))
+
+
+@pytest.mark.parametrize("combine", [
+    lambda h, x: h.sum(0, keepdim=True).expand_as(h),     # a sum over the batch counts it
+    lambda h, x: h * x.size(0),                           # the batch size as a number
+    lambda h, x: h * x.shape[0] / 4,
+    lambda h, x: h * torch.sign(x.mean()).item(),          # a number read off the data
+], ids=["sum-over-batch", "size0", "shape0", "item"])
+def test_constants_that_depend_on_the_batch_or_the_data_are_not_folded(combine):
+    """Found by an audit: such a constant was folded with the example's value (batch 4, a
+    positive mean) and verification, on inputs of the same batch and sign, passed it."""
+    torch.manual_seed(0)
+    model = _DeadUnit(combine).double().eval()
+    example = torch.rand(4, 6, dtype=torch.float64) + 0.5
+    small = srfx.compress(model, example)
+    for x in (torch.rand(7, 6, dtype=torch.float64) + 0.5, -torch.rand(4, 6, dtype=torch.float64) - 0.5):
+        torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..env import NodeEnv, is_inplace
+from ..tracing import facts_of
 
 __all__ = ["call_with", "mutates_input", "used_after", "probe", "per_channel_constant"]
 
@@ -26,6 +27,61 @@ def call_with(node: fx.Node, env: NodeEnv, substitute: Callable[[fx.Node], Any])
         if node.op == "call_module":
             return env.module()(*args, **kwargs)
     raise ValueError(f"cannot call {node.op} node {node.name}")
+
+
+def _axis_of_size_query(node: fx.Node):
+    """For ``x.size(k)`` and ``x.shape[k]`` / ``x.size()[k]``: (x, k). None for other nodes."""
+    if node.op == "call_method" and node.target == "size" and (len(node.args) > 1 or "dim" in node.kwargs):
+        return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        whole = (src.op == "call_function" and src.target is builtins.getattr and src.args[1] == "shape") or (
+            src.op == "call_method" and src.target == "size" and len(src.args) == 1 and not src.kwargs)
+        if whole:
+            return src.args[0], node.args[1]
+    return None
+
+
+def _batch_or_data_dependent(scalar: fx.Node) -> bool:
+    """Does a non-tensor value computed in the graph depend on the batch size (axis 0 of some
+    tensor) or on tensor data (``.item()``, ``.tolist()``)? Walks back through the scalar
+    arithmetic to the size queries and tensors it came from."""
+    stack, seen = [scalar], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        query = _axis_of_size_query(node)
+        if query is not None:
+            tensor, axis = query
+            f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
+            if not isinstance(axis, int) or f is None or not f.is_tensor or axis % len(f.shape) == 0:
+                return True  # the batch axis (or one that cannot be told)
+            continue
+        f = facts_of(node)
+        if node.op in ("get_attr", "placeholder") or f is None or f.is_tensor or f.elements:
+            return True  # tensor values (.item()), a scalar input, a whole shape: not the example's for sure
+        stack += node.all_input_nodes
+    return False
+
+
+def computed_scalars(node: fx.Node) -> bool:
+    """Does the node take a non-tensor argument whose value would differ for another input of
+    the example's shape (a batch size, ``x.mean().item()``)? Its recorded value is the
+    example's, so constants computed with it would hold for the example only. (Sizes of the
+    other axes are the example's by contract: srfx results keep the example's non-batch shape.)"""
+    found = []
+
+    def visit(a):
+        if isinstance(a, fx.Node) and a.op != "get_attr":
+            f = facts_of(a)
+            if (f is None or not f.is_tensor and not f.elements) and _batch_or_data_dependent(a):
+                found.append(a)
+        return a
+
+    fx.node.map_aggregate((node.args, node.kwargs), visit)
+    return bool(found)
 
 
 def mutates_input(node: fx.Node, env: NodeEnv) -> bool:

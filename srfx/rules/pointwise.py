@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..facts import Effects, Link, Ref, Role
 from ..registry import ChannelRule, lookup, register_instance
-from .common import call_with, mutates_input, per_channel_constant, probe, used_after
+from .common import call_with, computed_scalars, mutates_input, per_channel_constant, probe, used_after
 from .movement import Movement
 
 __all__ = ["Pointwise", "pointwise_effects"]
@@ -73,7 +73,7 @@ def pointwise_constants(node, env, known) -> dict:
     that varies along it is known there and the result is constant over the other axes."""
     effects = known.effects(node)
     out_refs = list(effects.outputs)
-    if not out_refs:
+    if not out_refs or computed_scalars(node):
         return {}
     operands = env.tensor_args()
     n = len(env.out_shape)

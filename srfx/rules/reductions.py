@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..facts import Effects, Link, Mix
 from ..registry import ChannelRule, register_instance
-from .common import call_with, per_channel_constant, probe
+from .common import call_with, computed_scalars, per_channel_constant, probe
 
 __all__ = ["PerChannel"]
 
@@ -89,17 +89,25 @@ class PerChannel(ChannelRule):
         dims = [l.a for l in eff.links]
         if not dims:
             return {}
+        if computed_scalars(node):
+            return {}
         fills = [(r.axes, known.value(r)) for r in dims]
         shape = env.shape(x)
-        stand_in = probe(shape, fills).expand(shape).contiguous()  # full extent: sums count positions
+        # full extent: sums count positions. The result keeps the example's shape except for the
+        # batch axis, so a reduction over the batch runs again one longer and only what did not
+        # move is a constant (a sum over the batch counts it)
+        mixed = {0} & set(self.mixed(node, env)) if self.reduces else set()
+        grown = tuple(s + 1 if a in mixed else s for a, s in enumerate(shape))
         try:
-            y = call_with(node, env, lambda a: stand_in if a is x else env.concrete(a))
+            y = call_with(node, env, lambda a: probe(shape, fills).expand(shape).contiguous() if a is x else env.concrete(a))
+            y_grown = call_with(node, env, lambda a: probe(grown, fills).expand(grown).contiguous() if a is x else env.concrete(a)) if mixed else y
         except Exception:
             return {}
         result = {}
         for link in eff.links:
             vals = per_channel_constant(y, link.b.axes)
-            vals[np.isnan(known.value(link.a))] = math.nan
+            moved = per_channel_constant(y_grown, link.b.axes)
+            vals[np.isnan(known.value(link.a)) | ~np.isclose(vals, moved, rtol=1e-12, atol=0.0)] = math.nan
             result[link.b] = vals
         return result
 
