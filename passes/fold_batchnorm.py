@@ -75,6 +75,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
     for n in gm.graph.nodes:
         if n.op == "call_module":
             counts[n.target] = counts.get(n.target, 0) + 1
+        elif n.op == "get_attr":  # a conv whose weight is also read directly is not the BatchNorm's alone
+            owner = n.target.rpartition(".")[0]
+            counts[owner] = counts.get(owner, 0) + 1
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or counts[node.target] != 1:

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .coupling import Coupling, coupling_groups
-from .errors import InputError
+from .errors import InputError, RewriteError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
 from .tracing import Traced, _FactRecorder, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
@@ -180,8 +180,14 @@ def compress(
     rebuilt = _rebuilt(traced.graph_module, graph, removal)
     if result is traced.graph_module:  # nothing changed: still hand back a module of its own
         result = copy.deepcopy(result)
-    with torch.no_grad(), preserved_buffers(result):
-        _FactRecorder(result).run(*traced.example_inputs)
+    try:
+        with torch.no_grad(), preserved_buffers(result):
+            _FactRecorder(result).run(*traced.example_inputs)
+    except Exception as exc:  # a rewrite that does not even run: srfx's fault, said as such
+        raise RewriteError(
+            f"the rewritten module fails on the example input ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "This is a bug in srfx: please report it with the model; srfx.plan(model, x) shows what it tried to remove."
+        ) from exc
     with preserved_buffers(reference, result):
         err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
     result.meta[REPORT_KEY] = Report(

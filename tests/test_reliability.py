@@ -555,3 +555,71 @@ def test_constants_that_depend_on_the_batch_or_the_data_are_not_folded(combine):
     small = srfx.compress(model, example)
     for x in (torch.rand(7, 6, dtype=torch.float64) + 0.5, -torch.rand(4, 6, dtype=torch.float64) - 0.5):
         torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+class _Stage(nn.Module):
+    """conv (4 of 8 channels dead) -> ``op`` -> conv: what ``op`` does along channels decides."""
+
+    def __init__(self, op, dead=(1, 2, 5)):
+        super().__init__()
+        self.c1, self.c2, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), op
+        with torch.no_grad():
+            self.c1.weight[list(dead)] = 0
+            self.c1.bias[list(dead)] = 0
+
+    def forward(self, x):
+        return self.c2(self.op(self.c1(x)))
+
+
+class _FunctionalDepthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
+
+    def forward(self, h):
+        return nn.functional.conv2d(h, self.w, groups=8, padding=1)
+
+
+@pytest.mark.parametrize("op", [
+    lambda h: torch.roll(h, 3, dims=1),                          # the shift is modulo the channel count
+    lambda h: h.roll(2, 1),
+    lambda h: nn.functional.channel_shuffle(h, 2),               # interleaves count / groups
+    lambda h: nn.functional.softmax(h),                          # implicit dim: 1 on a 4-D tensor
+    lambda h: torch.relu(h).sum(dim=()).expand(2, 8, 6, 6),      # dim=() reduces every axis
+    "functional-depthwise",
+], ids=["roll", "roll-method", "channel_shuffle", "softmax-implicit-dim", "sum-dim-empty", "functional-depthwise"])
+def test_ops_whose_meaning_depends_on_the_channel_count_stay_exact(op):
+    """Found by an audit: these were rewritten as if channels could leave freely (a false
+    VerificationError, or a raw RuntimeError)."""
+    torch.manual_seed(0)
+    if op == "functional-depthwise":  # minimize rewrites a module's groups, not a literal argument
+        op = _FunctionalDepthwise()
+    model = _Stage(op).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small = srfx.compress(model, x)
+    y = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(small(y), model(y), rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_is_not_folded_into_a_conv_whose_weight_is_read_elsewhere():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.c(x)) + nn.functional.conv2d(x, self.c.weight, self.c.bias, padding=1)
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(srfx.compress(model, x)(x), model(x))
+
+
+def test_an_unbatched_conv_keeps_its_channels():
+    model = _Stage(nn.Identity()).eval()
+    x = torch.randn(3, 6, 6)  # (C, H, W): channels on axis 0
+    torch.testing.assert_close(srfx.compress(model, x)(x), model(x))

@@ -83,6 +83,10 @@ class WeightedLayer(ChannelRule):
         x = env.arg(0, "input")
         n = len(env.shape(x))
         ch_in = n - 1 if spec.kind == "linear" else 1
+        weight_dims = len(env.module().weight.shape) if node.op == "call_module" else len(env.shape(env.arg(1, "weight")) or ())
+        if spec.kind != "linear" and n < weight_dims:  # an unbatched (C, H, W) conv: channels on axis 0
+            why = f"{node.name}: convolution of an unbatched input"
+            return Effects(fixed=tuple((r, why) for r in env.dims(x))), ()
         passthrough = [r for r in env.dims(x) if ch_in not in r.axes]
         touching = [r for r in env.dims(x) if ch_in in r.axes and r.axes != (ch_in,)]
         spatial = ()
@@ -117,6 +121,10 @@ class WeightedLayer(ChannelRule):
             ]
             links += [Link(x_in, param(spec.weight, w_in))] + out_links
             return Effects(outputs=tuple(outs), links=tuple(links), roles=tuple(roles), meta=meta), spatial
+        if spec.groups > 1 and node.op != "call_module":
+            # minimize rewrites a module's groups, not a functional call's literal argument
+            why = f"{node.name}: functional grouped conv (groups={spec.groups}); kept"
+            return Effects(outputs=tuple(outs), links=tuple(links + out_links), fixed=((x_in, why), (out, why), (param(spec.weight, w_in), why)), meta=meta), spatial
         if depthwise:
             c_out = env.out_shape[1]
             mult = c_out // spec.groups

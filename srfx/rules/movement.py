@@ -8,6 +8,7 @@ with untracked data, are kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -374,15 +375,43 @@ class TupleOrTensorGetitem(Movement):
         return super().effects(node, env)
 
 
+class CountDependent(Movement):
+    """A movement whose permutation depends on how many channels an axis has (``roll`` shifts
+    modulo the count, ``channel_shuffle`` interleaves count / groups): the labels show the
+    permutation for the original count only, so channels on those axes stay."""
+
+    def __init__(self, axes):
+        super().__init__(FREE)
+        self.axes = axes  # (node, env) -> the axes whose count the permutation depends on
+
+    def effects(self, node, env):
+        eff = super().effects(node, env)
+        x = env.tensor_args()[0] if env.tensor_args() else None
+        if x is None or env.shape(x) is None:
+            return eff
+        axes = self.axes(node, env, len(env.shape(x)))
+        held = [(r, f"{node.name}: the permutation depends on the channel count of axis {r.axes}") for r in env.dims(x) if set(r.axes) & axes]
+        return dataclasses.replace(eff, fixed=eff.fixed + tuple(held))
+
+
+def _rolled_axes(node, env, n):
+    dims = env.concrete(env.arg(2, "dims", None))
+    if dims is None:  # rolls the flattened tensor
+        return set(range(n))
+    return {d % n for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+
+
 register_instance(
     Movement(FREE),
     "permute", "transpose", "t", "flatten", "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes",
-    "expand_as", "roll", "flip", "unbind", "view_as", "reshape_as", "repeat",
+    "expand_as", "flip", "unbind", "view_as", "reshape_as", "repeat",
     torch.permute, torch.transpose, torch.t, torch.flatten, torch.squeeze, torch.unsqueeze, torch.movedim,
-    torch.cat, torch.concat, torch.stack, torch.roll, torch.flip, torch.unbind, torch.swapaxes,
-    F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle, F.channel_shuffle,
-    nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    torch.cat, torch.concat, torch.stack, torch.flip, torch.unbind, torch.swapaxes,
+    F.pixel_shuffle, F.pixel_unshuffle,
+    nn.Flatten, nn.PixelShuffle, nn.PixelUnshuffle,
 )
+register_instance(CountDependent(_rolled_axes), "roll", torch.roll)
+register_instance(CountDependent(lambda node, env, n: {1}), torch.channel_shuffle, F.channel_shuffle, nn.ChannelShuffle)
 register_instance(Movement(SHAPE_ARGS), "view", "reshape", "expand", "unflatten", torch.reshape, nn.Unflatten, torch.unflatten)
 register_instance(Movement(SPLIT), "split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split)
 register_instance(TupleOrTensorGetitem(INDEX), operator.getitem)

@@ -43,7 +43,7 @@ def _module_padded_axes(node, env) -> set[int]:
 def _reduced_axes(node, env) -> set[int]:
     n = len(env.shape(env.tensor_args()[0]))
     dim = env.concrete(env.arg(1, "dim", None))
-    if dim is None:
+    if dim is None or (isinstance(dim, (tuple, list)) and not dim):  # dim=() reduces every axis too
         return set(range(n))
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     return {d % n for d in dims}
@@ -124,7 +124,7 @@ class Softmax(ChannelRule):
             axis = env.module().dim
         else:
             axis = env.concrete(env.arg(1, "dim"))
-        axis = axis % n if axis is not None else n - 1
+        axis = axis % n if axis is not None else (0 if n in (0, 1, 3) else 1)  # torch's implicit dim (_get_softmax_dim)
         links, mixes, outs = [], [], []
         for r in env.dims(x):
             out = env.out(r.axes)
