@@ -44,6 +44,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import InputError
+
 __all__ = ["Backend", "GraphRecord", "default_backend", "srfx_backend"]
 
 _CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
@@ -263,7 +265,7 @@ class Backend:
     def __init__(self, inner: Union[str, Callable] = "inductor", *, verify: bool = True, random_inputs: int = 2, warn: bool = True,
                  check_weights: str = "values"):
         if check_weights not in ("values", "versions"):
-            raise ValueError(f"check_weights must be 'values' or 'versions', got {check_weights!r}")
+            raise InputError(f"check_weights must be 'values' or 'versions', got {check_weights!r}")
         self.inner = inner
         self.verify, self.random_inputs, self.warn, self.check_weights = verify, random_inputs, warn, check_weights
         self.records: list[GraphRecord] = []
@@ -290,10 +292,10 @@ class Backend:
                 state["small"] = self._minimized(gm, args, capture, user_positions, t0)
                 state["built_from"] = [(i, args[i], _version(args[i])) for i in capture.weight_positions]
                 state["attributes"] = [(t, _version(t)) for t in attributes]
-                by_value = [(args[i], None) for i in capture.weight_positions] + [(t, None) for t in attributes]
+                by_value = [args[i] for i in capture.weight_positions] + attributes
                 if self.check_weights == "versions":  # only what has no version counter to watch
-                    by_value = [(t, v) for t, v in by_value if _version(t) is None]
-                state["values"] = [(t, t.detach().clone()) for t, _ in by_value]
+                    by_value = [t for t in by_value if _version(t) is None]
+                state["values"] = [(t, t.detach().clone()) for t in by_value]
             except _Unsupported as exc:
                 status = "unchanged" if exc.args[0] in _NOTHING_TO_DO else "fallback"
                 state["small"] = None
