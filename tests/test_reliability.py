@@ -565,7 +565,8 @@ class _Stage(nn.Module):
         self.c1, self.c2, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), op
         with torch.no_grad():
             self.c1.weight[list(dead)] = 0
-            self.c1.bias[list(dead)] = 0
+            self.c1.bias[list(dead)] = torch.tensor([0.0, 0.3, -0.2])  # dead: zero, and two nonzero constants
+            self.c2.weight[:, [3, 6]] = 0  # and two channels after the op are never read
 
     def forward(self, x):
         return self.c2(self.op(self.c1(x)))
@@ -582,7 +583,7 @@ class _FunctionalDepthwise(nn.Module):
 
 @pytest.mark.parametrize("op", [
     lambda h: torch.roll(h, 3, dims=1),                          # the shift is modulo the channel count
-    lambda h: h.roll(2, 1),
+    lambda h: h.roll(5, 1),
     lambda h: nn.functional.channel_shuffle(h, 2),               # interleaves count / groups
     lambda h: nn.functional.softmax(h),                          # implicit dim: 1 on a 4-D tensor
     lambda h: torch.relu(h).sum(dim=()).expand(2, 8, 6, 6),      # dim=() reduces every axis
