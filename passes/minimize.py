@@ -126,6 +126,50 @@ def _new_size(plan: Plan, key: ValueKey, shape, axes_filter=None) -> list:
     return sizes
 
 
+def _reads_a_shrinking_size(arg: fx.Node, plan: Plan) -> bool:
+    """Is ``arg`` (a number computed in the graph) made from the size of an axis whose channels
+    shrink? Walks back through the arithmetic to the size queries."""
+    from srfx.rules.common import axis_of_size_query
+    from srfx.tracing import facts_of
+
+    stack, seen = [arg], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        query = axis_of_size_query(node)
+        if query is not None:
+            tensor, axis = query
+            f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
+            if f is not None and f.is_tensor and isinstance(axis, int):
+                if _new_size(plan, ValueKey(tensor.name), f.shape)[axis % len(f.shape)] is not None:
+                    return True
+            continue
+        f = facts_of(node)
+        if f is None or f.is_tensor or f.elements:
+            continue
+        stack += node.all_input_nodes
+    return False
+
+
+def _pin_shrinking_sizes(node: fx.Node, plan: Plan) -> None:
+    """A shape argument computed from a channel count that shrinks (``C // nh`` from
+    ``h.size()``) takes the example's value: it may size another tensor that keeps its
+    channels. (Where this view's own output shrinks, the new size replaces it afterwards.)"""
+    from srfx.tracing import facts_of
+
+    def pinned(a):
+        if isinstance(a, fx.Node) and a.op != "get_attr" and _reads_a_shrinking_size(a, plan):
+            f = facts_of(a)
+            if f is not None and isinstance(f.value, int) and not isinstance(f.value, bool):
+                return f.value
+        return a
+
+    node.args = (node.args[0], *fx.node.map_aggregate(node.args[1:], pinned))
+    node.kwargs = fx.node.map_aggregate(node.kwargs, pinned)
+
+
 def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
     from srfx.tracing import facts_of
 
@@ -138,6 +182,7 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
         if not isinstance(rule, Movement) or facts_of(node) is None or not facts_of(node).shapes:
             continue
         if rule.kind == SHAPE_ARGS:
+            _pin_shrinking_sizes(node, plan)
             new = _new_size(plan, ValueKey(node.name), facts_of(node).shape)
             if not any(s is not None for s in new):
                 continue

@@ -624,3 +624,38 @@ def test_an_unbatched_conv_keeps_its_channels():
     model = _Stage(nn.Identity()).eval()
     x = torch.randn(3, 6, 6)  # (C, H, W): channels on axis 0
     torch.testing.assert_close(srfx.compress(model, x)(x), model(x))
+
+
+class _SizeFromTheStream(nn.Module):
+    """nanoGPT-style: C is read off the residual stream and sizes the heads of q, k, v."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(5, 8), nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 3)
+        with torch.no_grad():  # stream channel 3: dead in every writer, unread by every reader
+            for writer in (self.inp, self.proj):
+                writer.weight[3] = 0
+                writer.bias[3] = 0
+            self.qkv.weight[:, 3] = 0
+            self.head.weight[:, 3] = 0
+
+    def forward(self, x):
+        h = self.inp(x)
+        B, T, C = h.size()
+        q, k, v = self.qkv(h).split(8, dim=2)
+        q, k, v = (t.view(B, T, 2, C // 2).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, 8)
+        return self.head(h + self.proj(y))
+
+
+def test_a_channel_count_read_off_one_tensor_still_sizes_the_other():
+    """Found by an audit: the stream lost channel 3, so C // 2 became 3 and the view of q (which
+    kept its 8 channels) failed with a RuntimeError. Sizes read off a shrinking axis now keep
+    the example's value; sizes of other axes stay live (another sequence length still works)."""
+    torch.manual_seed(0)
+    model = _SizeFromTheStream().eval()
+    small = srfx.compress(model, torch.randn(2, 4, 5))
+    assert small.inp.out_features == 7
+    for shape in ((2, 4, 5), (3, 6, 5)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(small(x), model(x))

@@ -29,7 +29,7 @@ def call_with(node: fx.Node, env: NodeEnv, substitute: Callable[[fx.Node], Any])
     raise ValueError(f"cannot call {node.op} node {node.name}")
 
 
-def _axis_of_size_query(node: fx.Node):
+def axis_of_size_query(node: fx.Node):
     """For ``x.size(k)`` and ``x.shape[k]`` / ``x.size()[k]``: (x, k). None for other nodes."""
     if node.op == "call_method" and node.target == "size" and (len(node.args) > 1 or "dim" in node.kwargs):
         return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
@@ -52,7 +52,7 @@ def _batch_or_data_dependent(scalar: fx.Node) -> bool:
         if node in seen:
             continue
         seen.add(node)
-        query = _axis_of_size_query(node)
+        query = axis_of_size_query(node)
         if query is not None:
             tensor, axis = query
             f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
