@@ -128,28 +128,18 @@ def _new_size(plan: Plan, key: ValueKey, shape, axes_filter=None) -> list:
 
 def _reads_a_shrinking_size(arg: fx.Node, plan: Plan) -> bool:
     """Is ``arg`` (a number computed in the graph) made from the size of an axis whose channels
-    shrink? Walks back through the arithmetic to the size queries."""
-    from srfx.rules.common import axis_of_size_query
+    shrink?"""
+    from srfx.rules.common import scalar_sources
     from srfx.tracing import facts_of
 
-    stack, seen = [arg], set()
-    while stack:
-        node = stack.pop()
-        if node in seen or not isinstance(node, fx.Node):
+    for _, query in scalar_sources(arg):
+        if query is None:
             continue
-        seen.add(node)
-        query = axis_of_size_query(node)
-        if query is not None:
-            tensor, axis = query
-            f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
-            if f is not None and f.is_tensor and isinstance(axis, int):
-                if _new_size(plan, ValueKey(tensor.name), f.shape)[axis % len(f.shape)] is not None:
-                    return True
-            continue
-        f = facts_of(node)
-        if f is None or f.is_tensor or f.elements:
-            continue
-        stack += node.all_input_nodes
+        tensor, axis = query
+        f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
+        if f is not None and f.is_tensor and isinstance(axis, int):
+            if _new_size(plan, ValueKey(tensor.name), f.shape)[axis % len(f.shape)] is not None:
+                return True
     return False
 
 

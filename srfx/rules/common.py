@@ -42,27 +42,38 @@ def axis_of_size_query(node: fx.Node):
     return None
 
 
-def _batch_or_data_dependent(scalar: fx.Node) -> bool:
-    """Does a non-tensor value computed in the graph depend on the batch size (axis 0 of some
-    tensor) or on tensor data (``.item()``, ``.tolist()``)? Walks back through the scalar
-    arithmetic to the size queries and tensors it came from."""
+def scalar_sources(scalar: fx.Node):
+    """Where a number computed in the graph comes from, walking back through its scalar
+    arithmetic: yields ``(node, (tensor, axis))`` for each size query, and ``(node, None)`` for
+    anything else it reaches (a tensor's values through ``.item()``, a parameter, a scalar
+    input, a whole shape)."""
     stack, seen = [scalar], set()
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in seen or not isinstance(node, fx.Node):
             continue
         seen.add(node)
         query = axis_of_size_query(node)
         if query is not None:
-            tensor, axis = query
-            f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
-            if not isinstance(axis, int) or f is None or not f.is_tensor or axis % len(f.shape) == 0:
-                return True  # the batch axis (or one that cannot be told)
+            yield node, query
             continue
         f = facts_of(node)
         if node.op in ("get_attr", "placeholder") or f is None or f.is_tensor or f.elements:
-            return True  # tensor values (.item()), a scalar input, a whole shape: not the example's for sure
+            yield node, None
+            continue
         stack += node.all_input_nodes
+
+
+def _batch_or_data_dependent(scalar: fx.Node) -> bool:
+    """Does a non-tensor value computed in the graph depend on the batch size (axis 0 of some
+    tensor) or on tensor data (``.item()``, ``.tolist()``)?"""
+    for _, query in scalar_sources(scalar):
+        if query is None:
+            return True  # tensor values, a scalar input, a whole shape: not the example's for sure
+        tensor, axis = query
+        f = facts_of(tensor) if isinstance(tensor, fx.Node) else None
+        if not isinstance(axis, int) or f is None or not f.is_tensor or axis % len(f.shape) == 0:
+            return True  # the batch axis (or one that cannot be told)
     return False
 
 
