@@ -16,6 +16,11 @@ import torch.nn as nn
 __all__ = ["CompensatedLayerNorm", "ReaderCompensation", "compensate_reader"]
 
 
+def _m2_from_sums(total: float, squares: float, n: int) -> float:
+    """sum (c - cbar)^2 from sum c and sum c^2 (for callers and pickles that give only those)."""
+    return squares - total * total / n if n else 0.0
+
+
 class CompensatedLayerNorm(nn.Module):
     """LayerNorm whose statistics count ``total`` channels, ``total - kept`` of which were removed
     while carrying constants with sum ``removed_sum`` and sum of squares ``removed_sq_sum``.
@@ -50,7 +55,7 @@ class CompensatedLayerNorm(nn.Module):
         # sum_R (c - mu)^2 = M2 + n (cbar - mu)^2, which does not cancel when the stream sits
         # far from zero (sum c^2 - 2 mu sum c + n mu^2 does)
         if removed_m2 is None:
-            removed_m2 = removed_sq_sum - removed_sum * removed_sum / n_removed if n_removed else 0.0
+            removed_m2 = _m2_from_sums(float(removed_sum), float(removed_sq_sum), n_removed)
         self.removed_m2 = max(float(removed_m2), 0.0)
         if emit_v and not centered:
             raise ValueError("an RMSNorm (centered=False) has no mean: only u can be emitted")
@@ -64,8 +69,7 @@ class CompensatedLayerNorm(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # modules pickled before removed_m2 existed: derive it from the sums they carry
         if "removed_m2" not in state:
-            n = state["total"] - state["kept"]
-            state["removed_m2"] = max(state["removed_sq_sum"] - state["removed_sum"] ** 2 / n, 0.0) if n else 0.0
+            state["removed_m2"] = max(_m2_from_sums(state["removed_sum"], state["removed_sq_sum"], state["total"] - state["kept"]), 0.0)
         super().__setstate__(state)
 
     @property
