@@ -178,15 +178,20 @@ class _LeafTracer(_Tracer):
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
 
 
-def _defaults_not_given(model: torch.nn.Module, n_given: int) -> dict:
-    """forward's optional arguments the example input does not give, fixed at their defaults
-    (timm's ``mask=None``): tracing them symbolically would take the wrong branch."""
+def _forward_parameters(model: torch.nn.Module) -> list:
+    """The parameters of ``model.forward``'s signature (none where Python cannot tell)."""
     import inspect
 
     try:
-        params = list(inspect.signature(model.forward).parameters.values())
+        return list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
+        return []
+
+
+def _defaults_not_given(model: torch.nn.Module, n_given: int) -> dict:
+    """forward's optional arguments the example input does not give, fixed at their defaults
+    (timm's ``mask=None``): tracing them symbolically would take the wrong branch."""
+    params = _forward_parameters(model)
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     keyword_only = [p for p in params if p.kind == p.KEYWORD_ONLY]
     return {p.name: p.default for p in positional[n_given:] + keyword_only if p.default is not p.empty}
@@ -214,11 +219,7 @@ def refuse_wrappers(model: torch.nn.Module) -> None:
 def _signature_advice(model: torch.nn.Module) -> str:
     import inspect
 
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ""
-    kinds = {p.kind for p in params}
+    kinds = {p.kind for p in _forward_parameters(model)}
     if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.VAR_KEYWORD in kinds:
         return (f"{type(model).__name__}.forward takes *args or **kwargs: fx traces a fixed signature, so wrap the model "
                 "in a module whose forward names each input it takes.\n")
