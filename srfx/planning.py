@@ -9,6 +9,7 @@ biases. Removing rows can make columns unread, so iterate until nothing changes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -123,10 +124,8 @@ class Plan:
             table += f"\ncompensated norms ({len(self.compensations)}): {names}"
         whole = [g for g in self.groups if g.fixed is not None and g.kept == g.channels]
         if whole:  # not rows: a model has many; say how many and the commonest reasons
-            reasons: dict[str, int] = {}
-            for g in whole:
-                reasons[g.fixed] = reasons.get(g.fixed, 0) + 1
-            common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+            reasons = Counter(g.fixed for g in whole)
+            common = reasons.most_common(3)
             table += f"\nkept whole ({len(whole)} group{'s' if len(whole) > 1 else ''}): " + "; ".join(f"{n} x {reason}" for reason, n in common)
             table += "; ..." if len(reasons) > 3 else ""
             table += " (srfx.analyze or `srfx groups` shows every group and why)"
