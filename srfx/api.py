@@ -107,12 +107,13 @@ def _smallest_rewrite(graph: fx.GraphModule, coupling: Coupling) -> tuple[Plan, 
         if site.readers and coupling.dims[site.in_dim].size - len(removal.keep(site.in_dim)) < _COMPENSATION_PAYS_FROM
     ]
     unabsorbed: frozenset = frozenset()
+    stored = count_stored(result)
     for node in doubtful:
         trial = plan_removal(coupling, removal.constants, unabsorbed | {node})
         candidate = _rewrite(graph, trial)
-        if count_stored(candidate) < count_stored(result):
-            removal, result, unabsorbed = trial, candidate, unabsorbed | {node}
-    if removal.compensations and count_stored(result) > count_stored(graph):
+        if count_stored(candidate) < stored:
+            removal, result, unabsorbed, stored = trial, candidate, unabsorbed | {node}, count_stored(candidate)
+    if removal.compensations and stored > count_stored(graph):
         # backstop (the count above makes it unreachable as far as we know): without
         # compensation the rewrite only removes and folds, which never adds a stored value
         removal = plan_removal(coupling, removal.constants, frozenset(site.node for site in removal.compensations))
