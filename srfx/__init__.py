@@ -18,3 +18,15 @@ __all__ = [
     "SrfxError", "TraceError", "InputError", "VerificationError", "RewriteError",
 ]
 __version__ = "0.1.0"
+
+# Submodules the README reaches through the package (``srfx.cycle.SqueezeRelease``), imported on
+# first use: ``import srfx`` stays light, and ``srfx.cycle`` works without its own import line.
+_LAZY_SUBMODULES = frozenset({"cycle", "group_pruning", "passes", "pruners", "supervised", "compensated_ln", "testing", "models"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
