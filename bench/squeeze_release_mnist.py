@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--cycles", type=int, default=12)
     p.add_argument("--sr-sparsity", type=float, default=0.3, help="target sparsity per cycle (of the current compacted model)")
     p.add_argument("--sr-rate", type=float, default=0.1, help="fraction of remaining weights pruned per step")
+    p.add_argument("--sr-min-rate", type=float, default=1 / 32, help="the rate is halved (on a rollback, or when a step would land below --sr-overshoot x --target-params) down to this")
+    p.add_argument("--sr-overshoot", type=float, default=0.95, help="a step whose deployable size lands below this x --target-params is retried at half the rate")
     p.add_argument("--sr-recovery", type=float, default=3, help="epochs after each adaptive pruning step")
     p.add_argument("--sr-finetune", type=float, default=2, help="epochs of fine-tuning per cycle with masks fixed")
     p.add_argument("--sr-release-epochs", type=float, default=0.0)
@@ -343,7 +345,7 @@ def main(argv=None) -> int:
             lr=args.ft_lr, loss=kd_targets if args.distill > 0 else F.cross_entropy, lr_schedule="cosine",
             schedule=Schedule(**{
                 "cycles": args.cycles, "target_sparsity": args.sr_sparsity, "target_params": args.target_params,
-                "prune_rate": args.sr_rate, "tolerance": args.prune_tolerance, "reference_accuracy": dense_val,
+                "prune_rate": args.sr_rate, "min_rate": args.sr_min_rate, "overshoot": args.sr_overshoot, "tolerance": args.prune_tolerance, "reference_accuracy": dense_val,
                 "recovery_epochs": args.sr_recovery, "finetune_epochs": args.sr_finetune, "release_epochs": args.sr_release_epochs,
                 "max_prune_steps": 30, **schedule,
             }),
