@@ -4,6 +4,7 @@ trace -> fold BatchNorm -> analyze (coupling groups) -> plan -> rewrite (minimiz
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Optional
@@ -26,6 +27,9 @@ REPORT_KEY = "srfx_report"
 
 def _check_finite(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise InputError(f"{name} is on the meta device and has no values: srfx reads the weights to find dead channels; "
+                             "materialize the model first (model.to_empty(device=...) and load its state dict)")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"{name} holds NaN or Inf values: srfx cannot prove anything about them; fix the weights first.")
 
@@ -121,16 +125,30 @@ def _smallest_rewrite(graph: fx.GraphModule, coupling: Coupling) -> tuple[Plan, 
     return removal, result
 
 
+@contextlib.contextmanager
+def _without_autocast():
+    """An autocast region around the call is the user's execution policy, not the model: inside,
+    tracing would record half-precision values and verification would measure bfloat16 rounding
+    (and pass a rewrite that is wrong by that much). srfx works and verifies at the model's own
+    dtypes; the result runs under the user's autocast like the model does."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
 def analyze(model: nn.Module, example_input: Any) -> Coupling:
     """Trace ``model`` (a copy) and return its channel-coupling groups."""
-    return coupling_groups(trace(model, example_input).graph_module)
+    with _without_autocast():
+        return coupling_groups(trace(model, example_input).graph_module)
 
 
 def plan(model: nn.Module, example_input: Any) -> Plan:
     """What :func:`compress` would remove, as data (``print(plan)`` shows a table).
     BatchNorm is not folded first, so zero BatchNorm scales do not show here."""
-    graph = trace(model, example_input).graph_module
-    return _smallest_rewrite(graph, coupling_groups(graph))[0]
+    with _without_autocast():
+        graph = trace(model, example_input).graph_module
+        return _smallest_rewrite(graph, coupling_groups(graph))[0]
 
 
 def compress(
@@ -148,10 +166,17 @@ def compress(
     ``torch.nn.utils.prune`` / ``torch.nn.utils.parametrize``. ``sparsity`` first applies
     global magnitude masking. The result is verified against the model on the example and
     ``random_inputs`` fresh inputs (``verify=False`` skips that). ``fold_batchnorm`` folds
-    eval-mode BatchNorm into the conv before it. ``model`` is never modified.
+    eval-mode BatchNorm into the conv before it. ``model`` is never modified. An enclosing
+    ``torch.autocast`` is switched off inside: the rewrite is traced and verified at the model's
+    own dtypes.
     The report is at ``result.meta["srfx_report"]``; its ``kept`` says which entries of each
     parameter survived (parameter name -> axis -> indices), to slice optimizer state with.
     """
+    with _without_autocast():
+        return _compress(model, example_input, sparsity=sparsity, verify=verify, random_inputs=random_inputs, fold_batchnorm=fold_batchnorm)
+
+
+def _compress(model: nn.Module, example_input: Any, *, sparsity: Optional[float], verify: bool, random_inputs: int, fold_batchnorm: bool) -> fx.GraphModule:
 
     if not isinstance(model, nn.Module):
         raise InputError(f"srfx.compress takes a torch.nn.Module, got {type(model).__name__}")
@@ -207,5 +232,5 @@ def compress(
         rebuilt=rebuilt,
     )
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=3)
     return result

@@ -659,3 +659,23 @@ def test_a_channel_count_read_off_one_tensor_still_sizes_the_other():
     for shape in ((2, 4, 5), (3, 6, 5)):
         x = torch.randn(*shape)
         torch.testing.assert_close(small(x), model(x))
+
+
+def test_a_model_on_the_meta_device_is_an_input_error():
+    m = ResidualCNN().to("meta").eval()
+    with pytest.raises(srfx.InputError, match="meta device"):
+        srfx.compress(m, torch.randn(2, 3, 8, 8, device="meta"))
+
+
+def test_compress_under_autocast_works_and_verifies_at_the_models_dtype():
+    """An enclosing autocast is the caller's execution policy: verification under it would
+    measure bfloat16 rounding (5e-3 on this model) and pass a rewrite wrong by that much."""
+    m = kill_channels(ResidualCNN(), seed=5).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small = srfx.compress(m, x)
+        srfx.plan(m, x)
+        under = small(x)
+        assert under.dtype == m(x).dtype  # the result runs under autocast like the model
+    assert report(small).max_rel_error <= srfx.verify.TOLERANCES[torch.float32][0]
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
