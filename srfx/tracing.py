@@ -208,6 +208,11 @@ _WRAPPERS = {
 
 
 def refuse_wrappers(model: torch.nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):  # fx cannot read TorchScript's compiled code
+        raise InputError(
+            f"{type(model).__name__} is TorchScript (torch.jit.script/trace): torch.fx cannot trace it. Pass the "
+            "nn.Module it was made from to srfx, and script the compressed result if you need to."
+        )
     inner = _WRAPPERS.get(type(model).__name__)
     if inner is not None and isinstance(getattr(model, inner, None), torch.nn.Module):
         raise InputError(

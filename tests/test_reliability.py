@@ -679,3 +679,17 @@ def test_compress_under_autocast_works_and_verifies_at_the_models_dtype():
         assert under.dtype == m(x).dtype  # the result runs under autocast like the model
     assert report(small).max_rel_error <= srfx.verify.TOLERANCES[torch.float32][0]
     assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_models_are_refused_and_scripted_submodules_kept_whole():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[0].weight[:5] = 0
+    x = torch.randn(2, 8)
+    for call in (srfx.compress, srfx.analyze, srfx.plan):
+        with pytest.raises(srfx.InputError, match="TorchScript"):
+            call(torch.jit.script(m), x)
+    m[1] = torch.jit.script(nn.ReLU())  # a compiled block inside: fx cannot see through it
+    small = srfx.compress(m, x)
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+    assert report(small).params_after == report(small).params_before
