@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 
 __all__ = ["ChannelRule", "register", "register_instance", "lookup", "op_key", "describe_op"]
@@ -61,6 +62,9 @@ def describe_op(node: fx.Node, modules: dict) -> str:
     key = op_key(node, modules)
     if isinstance(key, type):
         return f"module {key.__module__}.{key.__qualname__}"
+    if isinstance(key, torch._ops.OpOverload):  # a graph from torch.export / aot: ATen ops, not the model's code
+        return (f"ATen op {key} (an ATen-level graph, such as torch.export(...).module(): srfx reads the "
+                "model's own code; pass the nn.Module before export)")
     if callable(key):
         return f"function {getattr(key, '__module__', '') or ''}.{getattr(key, '__name__', repr(key))}".replace("None.", "")
     return f"method .{key}()" if node.op == "call_method" else str(key)

@@ -693,3 +693,18 @@ def test_torchscript_models_are_refused_and_scripted_submodules_kept_whole():
     small = srfx.compress(m, x)
     assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
     assert report(small).params_after == report(small).params_before
+
+
+def test_an_exported_module_is_kept_whole_and_the_plan_says_to_pass_the_model_before_export():
+    """torch.export(...).module() is an ATen-level graph: srfx has no rules for ATen ops, so it
+    keeps every channel (exact, no smaller) and says what to pass instead."""
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[0].weight[:5] = 0
+    x = torch.randn(2, 8)
+    exported = torch.export.export(m, (x,)).module()
+    small = srfx.compress(exported, x)
+    assert report(small).params_after == report(small).params_before
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+    assert "pass the nn.Module before export" in str(srfx.plan(exported, x))
+    assert report(srfx.compress(m, x)).params_after < report(small).params_after  # the model itself shrinks
