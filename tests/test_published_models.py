@@ -26,6 +26,7 @@ PUBLISHED = [
     "squeeze_release_mnist_sr",
     "squeeze_release_mnist_shift1_sr",
     "squeeze_release_mnist_shift1_long_sr",
+    "squeeze_release_mnist_min_rate_ft240_sr",
     "squeeze_release_cifar_convnext_atto_v5",
     "squeeze_release_cifar_convnext_atto_v6_dense37",
     "squeeze_release_cifar_convnext_atto_v7b_distill_lr",
