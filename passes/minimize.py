@@ -282,6 +282,55 @@ def _rewrite_index_selects(gm: fx.GraphModule, plan: Plan) -> None:
         _attrs.put(gm, index.target, torch.as_tensor(new, dtype=old.dtype, device=old.device))
 
 
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    """Where the module's tensors live: index buffers srfx adds must be there too."""
+    for t in (*gm.parameters(), *gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _rewrite_reindexes(gm: fx.GraphModule, plan: Plan) -> None:
+    """Slices, lists and reorders along a channel axis (:class:`srfx.rules.movement.Reindex`)
+    whose input or output channels shrank: the indexing keeps the channel axis whole, and an
+    ``index_select`` after it picks the kept output channels, renumbered to the kept inputs."""
+    coupling = plan.coupling
+    for node in list(gm.graph.nodes):
+        eff = coupling.effects.get(node.name)
+        r = eff.meta.get("reindex") if eff is not None else None
+        if r is None:
+            continue
+        x = node.args[0]
+        inp = [d for d in coupling.dims_of_value(ValueKey(x.name)) if d.ref.axes == (r.in_axis,)]
+        out = [d for d in coupling.dims_of_value(ValueKey(node.name)) if d.ref.axes == (r.out_axis,)]
+        if not ((inp and plan.shrinks(inp[0].id)) or (out and plan.shrinks(out[0].id))):
+            continue
+        kept_out = plan.keep(out[0].id) if out else np.arange(len(r.table))
+        kept_in = plan.keep(inp[0].id) if inp else np.arange(int(r.table.max()) + 1)
+        wanted = r.table[kept_out]
+        new = np.searchsorted(kept_in, wanted)
+        if np.any(new >= len(kept_in)) or np.any(kept_in[np.minimum(new, len(kept_in) - 1)] != wanted):
+            raise RewriteError(f"{node.name}: an indexed channel was removed while its output channel stays")
+        name = f"_srfx_index_{node.name}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, torch.as_tensor(new, dtype=torch.long, device=_device_of(gm)))
+        if r.component is None:  # narrow along the channel axis: the index_select is all of it
+            with gm.graph.inserting_before(node):
+                idx = gm.graph.get_attr(name)
+                picked = gm.graph.call_function(torch.index_select, (x, r.in_axis, idx))
+            node.replace_all_uses_with(picked)
+            gm.graph.erase_node(node)
+            continue
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        index = index[: r.component] + (slice(None),) + index[r.component + 1 :]
+        node.args = (x, index)
+        with gm.graph.inserting_after(node):
+            idx = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(idx):
+            picked = gm.graph.call_function(torch.index_select, (node, r.out_axis, idx))
+        node.replace_all_uses_with(picked, delete_user_cb=lambda user: user is not picked)
+
+
 def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
     """Readers of groups that cannot shrink drop their all-zero input columns and read the
     kept channels through an index_select (the model's interface stays as it was)."""
@@ -289,8 +338,8 @@ def _gather_inputs(gm: fx.GraphModule, plan: Plan) -> set[str]:
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for i, gather in enumerate(plan.gathers):
         role = gather.role
-        keep = torch.as_tensor(gather.keep, dtype=torch.long)
         w = _attrs.get(gm, role.weight)
+        keep = torch.as_tensor(gather.keep, dtype=torch.long, device=w.device)
         _attrs.put(gm, role.weight, w.detach().index_select(role.in_axis, keep))
         node = nodes[role.owner]
         x = node.args[0]
@@ -325,6 +374,7 @@ def minimize(gm: fx.GraphModule, plan: Plan) -> PassResult:
             _resize_module(module)
     _rewrite_shape_args(out, plan)
     _rewrite_index_selects(out, plan)
+    _rewrite_reindexes(out, plan)
     _pin_attention_scale(out, plan)
     if plan.compensations:  # the narrowed norms are only right once compensate_ln has run
         out.meta[PENDING_KEY] = tuple(site.node for site in plan.compensations)

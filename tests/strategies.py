@@ -165,17 +165,27 @@ class CatSplit(nn.Module):
                        merged by ``cat`` or ``add``
     * ``chunk``     -- ``torch.chunk(x, 2, 1)`` then as ``split``
     * ``cat_split`` -- cat two branches, then split the concatenation at another boundary
+    * ``slice``     -- a window ``x[:, lo:hi]`` of the stem's channels for one conv and a list
+                       ``x[:, picks]`` (any order, repeats allowed) for the other; channels
+                       outside both are unread
     """
 
-    def __init__(self, in_ch: int, stem: int, mode: str, a: int, b: int, cut: int, merge: str, k: int, tail: int, n_out: int):
+    def __init__(self, in_ch: int, stem: int, mode: str, a: int, b: int, cut: int, merge: str, k: int, tail: int, n_out: int,
+                 window: tuple[int, int] = (0, 1), picks: tuple[int, ...] = (0,)):
         super().__init__()
         self.mode, self.merge, self.cut = mode, merge, cut
+        self.window, self.picks = window, list(picks)
         self.stem = nn.Conv2d(in_ch, stem, 1)
         self.stem_bn = nn.BatchNorm2d(stem)
         if mode == "cat":
             self.conv_a = nn.Conv2d(stem, a, k, padding=k // 2)
             self.conv_b = nn.Conv2d(stem, b, k, padding=k // 2)
             merged = a + b
+        elif mode == "slice":
+            self.sizes = [window[1] - window[0], len(picks)]
+            self.conv_a = nn.Conv2d(self.sizes[0], a, k, padding=k // 2)
+            self.conv_b = nn.Conv2d(self.sizes[1], b if merge == "cat" else a, k, padding=k // 2)
+            merged = a + b if merge == "cat" else a
         elif mode in ("split", "chunk"):
             first = cut if mode == "split" else math.ceil(stem / 2)
             self.sizes = [first, stem - first]
@@ -200,6 +210,10 @@ class CatSplit(nn.Module):
         if self.mode in ("split", "chunk"):
             weights.append(("stem", self.sizes[0], 0))
             bns.append(("stem_bn", self.sizes[0]))
+        if self.mode == "slice":  # the first channel of each piece
+            for c in (self.window[0], self.picks[0]):
+                weights.append(("stem", c, 0))
+                bns.append(("stem_bn", c))
         if self.mode == "cat_split":
             cut = self.sizes[0]
             weights.append(("conv_a", cut, 0) if cut < self.a else ("conv_b", cut - self.a, 0))  # q's first
@@ -213,6 +227,10 @@ class CatSplit(nn.Module):
         x = torch.relu(self.stem_bn(self.stem(x)))
         if self.mode == "cat":
             y = torch.cat([torch.relu(self.conv_a(x)), torch.relu(self.conv_b(x))], 1)
+        elif self.mode == "slice":
+            p, q = x[:, self.window[0] : self.window[1]], x[:, self.picks]
+            p, q = torch.relu(self.conv_a(p)), torch.relu(self.conv_b(q))
+            y = torch.cat([p, q], 1) if self.merge == "cat" else p + q
         elif self.mode in ("split", "chunk"):
             if self.mode == "split":
                 p, q = torch.split(x, self.sizes, dim=1)
@@ -475,9 +493,12 @@ def residuals(draw, kill: bool = True, spare: bool = True) -> Case:
 def cat_splits(draw, kill: bool = True, spare: bool = True) -> Case:
     in_ch = draw(st.integers(1, 3))
     size = draw(st.integers(3, 6))
-    mode = draw(st.sampled_from(["cat", "split", "chunk", "cat_split"]))
+    mode = draw(st.sampled_from(["cat", "split", "chunk", "cat_split", "slice"]))
     stem = draw(st.integers(2, 8))
     a, b = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    lo = draw(st.integers(0, stem - 1))
+    window = (lo, draw(st.integers(lo + 1, stem)))
+    picks = tuple(draw(st.lists(st.integers(0, stem - 1), min_size=1, max_size=5)))
     if mode == "split":
         cut = draw(st.integers(1, stem - 1))
     elif mode == "cat_split":
@@ -486,7 +507,7 @@ def cat_splits(draw, kill: bool = True, spare: bool = True) -> Case:
         cut = 0
     merge = draw(st.sampled_from(["cat", "add"]))
     k = draw(st.sampled_from([1, 3]))
-    model = CatSplit(in_ch, stem, mode, a, b, cut, merge, k, draw(st.integers(1, 6)), draw(st.integers(1, 4)))
+    model = CatSplit(in_ch, stem, mode, a, b, cut, merge, k, draw(st.integers(1, 6)), draw(st.integers(1, 4)), window, picks)
     return _finish(draw, model, (_BATCH, in_ch, size, size), f"catsplit-{mode}", kill, spare)
 
 

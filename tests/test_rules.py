@@ -171,9 +171,66 @@ def test_heads_reshape_is_a_two_axis_dim():
     assert any(d.ref.axes == (2, 3) and d.sizes == (2, 3) for d in c.dims)
 
 
-def test_partial_channel_slice_is_kept():
-    m = Wrap(lambda s, x: s.out(s.a(x)[:, :3]), a=nn.Linear(4, 6), out=nn.Linear(3, 2))
-    g = group_of(srfx.analyze(m, torch.randn(2, 4)), "a", "writers")
+_CHANNEL_INDEXING = {
+    "slice": lambda h: h[:, 2:6],
+    "ellipsis slice": lambda h: h[..., :4],
+    "negative slice": lambda h: h[:, -4:],
+    "step slice": lambda h: h[:, 1::2],
+    "flipped then sliced": lambda h: h.flip(1)[:, :4],
+    "list": lambda h: h[:, [0, 2, 5, 7]],
+    "reorder": lambda h: h[:, [7, 6, 5, 4]],
+    "repeated channel": lambda h: h[:, [1, 1, 3, 6]],
+    "narrow": lambda h: h.narrow(1, 2, 4),
+    "torch.narrow": lambda h: torch.narrow(h, -1, 3, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(_CHANNEL_INDEXING))
+def test_partial_or_reordered_channel_indexing_removes_exactly(name):
+    """h[:, 2:6], h[:, [7, 6, 5, 4]], h.narrow(...): channels outside the index are unread and
+    go, dead ones inside fold; the index is renumbered to the kept channels (an index_select)."""
+    pick = _CHANNEL_INDEXING[name]
+    m = Wrap(lambda s, x: s.out(pick(torch.relu(s.a(x)))), a=nn.Linear(6, 8), out=nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        m.a.weight[[0, 3, 6]] = 0
+        m.a.bias[[0, 3, 6]] = torch.tensor([-1.0, 0.5, 0.7])  # dead: relu(-1) = 0, then constants
+    read = sorted(set(pick(torch.arange(8)[None].expand(2, 8))[0].tolist()))
+    live_read = [c for c in read if c not in (0, 3, 6)]
+    small = srfx.compress(m, torch.randn(4, 6))
+    assert small.a.out_features == len(live_read)
+    for n in (1, 9):
+        x = torch.randn(n, 6)
+        assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_slice_with_spatial_crop_on_a_conv_stream():
+    m = Wrap(lambda s, x: s.out(torch.relu(s.a(x))[:, 2:6, 1:, :3]), a=nn.Conv2d(3, 8, 1), out=nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        m.a.weight[[0, 3, 4]] = 0
+        m.a.bias[[0, 3, 4]] = torch.tensor([-1.0, 0.5, -0.7])
+    small = srfx.compress(m, torch.randn(2, 3, 5, 5))
+    assert small.a.out_channels == 2 and small.out.in_channels == 2  # 2 and 5 of 2..5; 3 folds, 4 is zero
+    x = torch.randn(3, 3, 5, 5)
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_slice_read_next_to_the_whole_stream_keeps_what_either_reads():
+    """The slice's input has another reader: channels outside the slice stay for it, and the
+    slice is renumbered to where its channels now sit."""
+    m = Wrap(lambda s, x: s.out(torch.relu(s.a(x))[:, 4:]) + s.full(torch.relu(s.a(x))), a=nn.Linear(6, 8), out=nn.Linear(4, 3), full=nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        m.a.weight[[1, 5]] = 0
+        m.a.bias[[1, 5]] = torch.tensor([0.3, -2.0])
+    small = srfx.compress(m, torch.randn(4, 6))
+    assert small.a.out_features == 6
+    x = torch.randn(5, 6)
+    assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_indexing_srfx_cannot_rewrite_is_kept_with_its_reason():
+    """Bounds computed in the graph, and a slice on a two-axis (heads x dims) channel dim."""
+    m = Wrap(lambda s, x: s.out(s.a(x)[:, : x.shape[1] // 2]), a=nn.Linear(6, 6), out=nn.Linear(3, 2))
+    g = group_of(srfx.analyze(m, torch.randn(2, 6)), "a", "writers")
     assert g.fixed is not None and "indexes channels" in g.fixed
 
 

@@ -227,7 +227,7 @@ class Movement(ChannelRule):
         outs = list(result) if facts.elements else [result]
         elements = list(range(len(outs))) if facts.elements else [-1]
         out_refs, links, fixed, opaque = [], [], [], set()
-        coverage = {r: [] for r in all_in}  # input dim -> [(element, table)]
+        coverage = {r: [] for r in all_in}  # input dim -> [(element, table, output axes)]
         for e, out in zip(elements, outs):
             src = out.numpy()
             found: dict[tuple[int, ...], list[tuple[Ref, np.ndarray]]] = {}
@@ -259,7 +259,7 @@ class Movement(ChannelRule):
                         fixed.append((ref, f"{name}: channels move where srfx cannot follow them"))
                         continue
                     found.setdefault(tuple(axes), []).append((ref, table))
-                    coverage[ref].append((e, table))
+                    coverage[ref].append((e, table, tuple(axes)))
                     mapped = True
                 contributes.append((key, mask, local, mapped))
             taken = [a for axes in found for a in axes]
@@ -287,10 +287,15 @@ class Movement(ChannelRule):
                             fixed.append((out_ref, f"{name}: channels mixed with untracked data from {k}"))
                 if not covered.all() and not untracked:
                     fixed.append((out_ref, f"{name}: output channels not traced to a source"))
+        meta = {"kind": self.kind, "opaque": frozenset(opaque), "untouched": ()}
         if self.kind in (SPLIT, INDEX):
             sizes = {r: int(np.prod([shape[a] for a in r.axes])) for k, shape, _ in spans for r in all_in if r.value == k}
-            fixed.extend(self._check_index_op(name, coverage, sizes))
-        meta = {"kind": self.kind, "opaque": frozenset(opaque), "untouched": ()}
+            bad = self._check_index_op(name, coverage, sizes)
+            source, reindex = _single_axis_reindex(node, env, coverage, bad) if self.kind == INDEX else (None, None)
+            if reindex is not None:
+                meta["reindex"] = reindex
+                bad = [(r, why) for r, why in bad if r != source]
+            fixed.extend(bad)
         return Effects(outputs=tuple(dict.fromkeys(out_refs)), links=tuple(links), fixed=tuple(fixed), meta=meta)
 
     def constants(self, node, env, known):
@@ -345,11 +350,12 @@ class Movement(ChannelRule):
         return dim % len(shape) if isinstance(dim, int) else None
 
     def _check_index_op(self, name, coverage, sizes):
-        """Indexing and splitting are exact to rewrite when each input channel lands exactly
-        once and in order (a partition); anything else (a partial slice, a reorder) is kept."""
+        """Indexing and splitting are exact to rewrite as they are when each input channel lands
+        exactly once and in order (a partition); anything else (a partial slice, a reorder) is
+        kept, unless it is a :class:`Reindex` (see :func:`_single_axis_reindex`)."""
         bad = []
         for ref, parts in coverage.items():
-            tables = [t[t >= 0] for _, t in parts]
+            tables = [t[t >= 0] for _, t, _ in parts]
             hits = np.concatenate(tables) if tables else np.zeros(0, dtype=np.int64)
             in_order = all(np.all(np.diff(t) == 1) for t in tables)
             partition = len(hits) == sizes[ref] and len(np.unique(hits)) == sizes[ref]
@@ -360,9 +366,92 @@ class Movement(ChannelRule):
         return bad
 
 
+@dataclasses.dataclass(frozen=True)
+class Reindex:
+    """A slice, step slice, list or reorder along one channel axis (``h[:, 2:6]``,
+    ``h.narrow(1, 2, 4)``, ``h[..., [0, 2, 5]]``): output channel i is input channel
+    ``table[i]``. minimize turns it into the same indexing with the channel component made
+    whole, followed by an ``index_select`` of the kept channels renumbered."""
+
+    in_axis: int  # of the indexed input (``node.args[0]``)
+    out_axis: int
+    table: np.ndarray
+    component: int | None  # the getitem index's position that indexes ``in_axis``; None: narrow
+
+    def __eq__(self, other):  # np arrays do not compare as a dataclass field
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+def _index_component(index: tuple, ndim: int, axis: int) -> int | None:
+    """The position in a getitem index tuple that indexes input ``axis``, if every component
+    is a constant slice, int, Ellipsis, None or list of ints (else None: not rewritable)."""
+    consumes = []
+    for c in index:
+        if c is None:
+            consumes.append(0)
+        elif c is Ellipsis:
+            consumes.append(None)
+        elif isinstance(c, bool):
+            return None
+        elif isinstance(c, int):
+            consumes.append(1)
+        elif isinstance(c, slice) and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (c.start, c.stop, c.step)):
+            consumes.append(1)
+        elif isinstance(c, (list, tuple)) and c and all(isinstance(v, int) and not isinstance(v, bool) for v in c):
+            if sum(isinstance(o, (list, tuple)) for o in index) > 1:
+                return None  # several advanced indices broadcast together
+            consumes.append(1)
+        else:
+            return None
+    if consumes.count(None) > 1:
+        return None
+    if None in consumes:
+        i = consumes.index(None)
+        consumes[i] = ndim - sum(c for c in consumes if c is not None)
+    at = 0
+    for pos, c in enumerate(consumes):
+        if c and at <= axis < at + c:
+            return pos if index[pos] is not Ellipsis else None
+        at += c
+    return None
+
+
+def _single_axis_reindex(node, env, coverage, bad) -> tuple[Ref | None, Reindex | None]:
+    """A partial or reordered index along one single-axis channel dim that minimize can
+    rewrite (see :class:`Reindex`), with that dim; None where anything else is indexed so."""
+    nothing = None, None
+    flagged = [r for r, _ in bad]
+    if len(flagged) != 1 or len(flagged[0].axes) != 1 or len(coverage[flagged[0]]) != 1:
+        return nothing
+    ref = flagged[0]
+    element, table, out_axes = coverage[ref][0]
+    if element != -1 or len(out_axes) != 1 or table.size == 0 or not np.all(table >= 0):
+        return nothing
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or env.shape(x) is None:
+        return nothing
+    ndim, axis = len(env.shape(x)), ref.axes[0]
+    if node.target in ("narrow", torch.narrow):
+        dim = env.concrete(env.arg(1, "dim"))
+        if not isinstance(dim, int) or dim % ndim != axis:
+            return nothing
+        component = None
+    elif node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        component = _index_component(index, ndim, axis)
+        if component is None or isinstance(index[component], int):
+            return nothing
+    else:
+        return nothing
+    return ref, Reindex(axis, out_axes[0], table.astype(np.int64), component)
+
+
 class TupleOrTensorGetitem(Movement):
     """``operator.getitem``: picking an element of a tuple (after split/chunk) passes its
-    channels through; indexing a tensor is a movement op whose slices must not cut channels."""
+    channels through; indexing a tensor is a movement op (a partial or reordered index along
+    one channel axis is a :class:`Reindex`)."""
 
     def effects(self, node, env):
         source = node.args[0]
