@@ -314,15 +314,17 @@ def _rewrite_reindexes(gm: fx.GraphModule, plan: Plan) -> None:
         while hasattr(gm, name):
             name += "_"
         gm.register_buffer(name, torch.as_tensor(new, dtype=torch.long, device=_device_of(gm)))
-        if r.component is None:  # narrow along the channel axis: the index_select is all of it
+        if r.component is not None:
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            index = index[: r.component] + (slice(None),) + index[r.component + 1 :]
+        if r.component is None or all(c == slice(None) or c is Ellipsis for c in index):
+            # narrow along the channel axis, or nothing else indexed: the index_select is all of it
             with gm.graph.inserting_before(node):
                 idx = gm.graph.get_attr(name)
                 picked = gm.graph.call_function(torch.index_select, (x, r.in_axis, idx))
             node.replace_all_uses_with(picked)
             gm.graph.erase_node(node)
             continue
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        index = index[: r.component] + (slice(None),) + index[r.component + 1 :]
         node.args = (x, index)
         with gm.graph.inserting_after(node):
             idx = gm.graph.get_attr(name)
