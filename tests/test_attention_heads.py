@@ -285,3 +285,37 @@ def test_a_per_head_attention_mask_keeps_the_heads():
     small = srfx.compress(model, x)
     assert report(small).heads_removed == 0
     assert_close(model(x), small(x))
+
+
+class _SlicedQKV(nn.Module):
+    """A fused qkv projection cut by slicing (``t[..., :d]``, ``t[..., d:2d]``, ...) rather
+    than split/chunk."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.qkv, self.proj, self.fc = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 5)
+        self.d, self.heads = d, heads
+
+    def forward(self, x):
+        b, n, c = x.shape
+        t = self.qkv(x)
+        q, k, v = t[..., : self.d], t[..., self.d : 2 * self.d], t[..., 2 * self.d :]
+        q, k, v = (z.reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.fc(x + self.proj(o))
+
+
+def test_heads_of_a_qkv_cut_by_slicing_shrink_exactly():
+    m = _SlicedQKV().eval()
+    with torch.no_grad():
+        m.qkv.weight[36:40] = 0  # head 1's values
+        m.qkv.bias[36:40] = 0
+        qk_dim0 = [0, 4, 8, 12, 16, 20, 24, 28]  # q and k dim 0 of every head (heads stay rectangular)
+        m.qkv.weight[qk_dim0] = 0
+        m.qkv.bias[qk_dim0] = 0
+    small = srfx.compress(m, torch.randn(2, 5, 16))
+    # head 1 goes whole (12 rows); the other three heads lose q.k dim 0 (6 rows); values stay 4 wide
+    assert small.qkv.out_features == 48 - 12 - 6 and small.proj.in_features == 12
+    for shape in ((1, 5, 16), (3, 5, 16)):
+        x = torch.randn(shape)
+        assert_close(small(x), m(x))
