@@ -318,4 +318,4 @@ def test_heads_of_a_qkv_cut_by_slicing_shrink_exactly():
     assert small.qkv.out_features == 48 - 12 - 6 and small.proj.in_features == 12
     for shape in ((1, 5, 16), (3, 5, 16)):
         x = torch.randn(shape)
-        assert_close(small(x), m(x))
+        assert_close(m(x), small(x))

@@ -227,6 +227,31 @@ def test_a_slice_read_next_to_the_whole_stream_keeps_what_either_reads():
     assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_slice_feeding_a_layernorm_and_a_step_slice_of_a_residual_stream():
+    """Slices next to the other stream machinery: a LayerNorm over sliced channels is
+    compensated for the dead ones, and a step slice reads a residual stream exactly."""
+    before_norm = Wrap(lambda s, x: s.out(s.ln(s.a(x)[..., 2:10])), a=nn.Linear(6, 12), ln=nn.LayerNorm(8), out=nn.Linear(8, 3))
+
+    def residual(s, x):
+        h = s.a(x)
+        h = h + s.b(torch.relu(h))
+        return s.out(h[:, ::3]) + s.full(h)
+
+    stream = Wrap(residual, a=nn.Linear(6, 12), b=nn.Linear(12, 12), out=nn.Linear(4, 3), full=nn.Linear(12, 3))
+    for m, compensated in ((before_norm, 1), (stream, 0)):
+        m.eval()
+        with torch.no_grad():
+            for lin in (m.a, getattr(m, "b", None)):
+                if lin is not None:
+                    lin.weight[[3, 4, 7]] = 0
+                    lin.bias[[3, 4, 7]] = torch.tensor([0.2, -0.4, 0.0])
+        small = srfx.compress(m, torch.randn(4, 6))
+        r = small.meta["srfx_report"]
+        assert r.params_after < r.params_before and r.compensated_norms == compensated
+        x = torch.randn(9, 6)
+        assert_close(m(x), small(x))
+
+
 def test_channel_indexing_srfx_cannot_rewrite_is_kept_with_its_reason():
     """Bounds computed in the graph, and a slice on a two-axis (heads x dims) channel dim."""
     m = Wrap(lambda s, x: s.out(s.a(x)[:, : x.shape[1] // 2]), a=nn.Linear(6, 6), out=nn.Linear(3, 2))
