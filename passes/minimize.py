@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -262,6 +263,27 @@ def _compose_gather(gm: fx.GraphModule, x: fx.Node, axis: int, keep: torch.Tenso
     return True
 
 
+def _dim_on_axis(coupling, value: str, axis: int):
+    """The coupling dim of ``value`` that lives on ``axis`` alone (None if there is none)."""
+    return next((d for d in coupling.dims_of_value(ValueKey(value)) if d.ref.axes == (axis,)), None)
+
+
+def _renumbered(plan: Plan, inp, out, table: np.ndarray, where: str) -> Optional[np.ndarray]:
+    """For an index whose output channel i is input channel ``table[i]``: the kept outputs'
+    entries renumbered to the kept inputs, or None when neither side shrinks (a missing dim
+    keeps every channel)."""
+    if not any(d is not None and plan.shrinks(d.id) for d in (inp, out)):
+        return None
+    wanted = table[plan.keep(out.id)] if out is not None else table
+    if inp is None:
+        return wanted
+    kept_in = plan.keep(inp.id)
+    new = np.searchsorted(kept_in, wanted)
+    if np.any(new >= len(kept_in)) or np.any(kept_in[np.minimum(new, len(kept_in) - 1)] != wanted):
+        raise RewriteError(f"{where}: an indexed channel was removed while its output channel stays")
+    return new
+
+
 def _rewrite_index_selects(gm: fx.GraphModule, plan: Plan) -> None:
     """index_select on a constant index: where its input or output channels shrank, the index
     keeps the kept outputs, renumbered to the kept inputs."""
@@ -270,13 +292,11 @@ def _rewrite_index_selects(gm: fx.GraphModule, plan: Plan) -> None:
         eff = coupling.effects.get(node.name)
         if eff is None or "index" not in eff.meta:
             continue
-        axis, idx = eff.meta["axis"], eff.meta["index"]
-        out = [d for d in coupling.dims_of_value(ValueKey(node.name)) if d.ref.axes == (axis,)]
-        inp = [d for d in coupling.dims_of_value(ValueKey(node.args[0].name)) if d.ref.axes == (axis,)]
-        if not out or not inp or not (plan.shrinks(out[0].id) or plan.shrinks(inp[0].id)):
+        axis = eff.meta["axis"]
+        out, inp = _dim_on_axis(coupling, node.name, axis), _dim_on_axis(coupling, node.args[0].name, axis)
+        new = _renumbered(plan, inp, out, eff.meta["index"], node.name) if out is not None and inp is not None else None
+        if new is None:
             continue
-        kept_in = plan.keep(inp[0].id)
-        new = np.searchsorted(kept_in, idx[plan.keep(out[0].id)])
         index = node.args[2]
         old = _attrs.get(gm, index.target)
         _attrs.put(gm, index.target, torch.as_tensor(new, dtype=old.dtype, device=old.device))
@@ -300,16 +320,9 @@ def _rewrite_reindexes(gm: fx.GraphModule, plan: Plan) -> None:
         if r is None:
             continue
         x = node.args[0]
-        inp = [d for d in coupling.dims_of_value(ValueKey(x.name)) if d.ref.axes == (r.in_axis,)]
-        out = [d for d in coupling.dims_of_value(ValueKey(node.name)) if d.ref.axes == (r.out_axis,)]
-        if not ((inp and plan.shrinks(inp[0].id)) or (out and plan.shrinks(out[0].id))):
+        new = _renumbered(plan, _dim_on_axis(coupling, x.name, r.in_axis), _dim_on_axis(coupling, node.name, r.out_axis), r.table, node.name)
+        if new is None:
             continue
-        kept_out = plan.keep(out[0].id) if out else np.arange(len(r.table))
-        kept_in = plan.keep(inp[0].id) if inp else np.arange(int(r.table.max()) + 1)
-        wanted = r.table[kept_out]
-        new = np.searchsorted(kept_in, wanted)
-        if np.any(new >= len(kept_in)) or np.any(kept_in[np.minimum(new, len(kept_in) - 1)] != wanted):
-            raise RewriteError(f"{node.name}: an indexed channel was removed while its output channel stays")
         name = f"_srfx_index_{node.name}"
         while hasattr(gm, name):
             name += "_"
