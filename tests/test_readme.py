@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import kill_channels
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -40,15 +41,9 @@ def _run(code: str, namespace: dict | None = None) -> tuple[dict, str]:
 
 
 def _pruned_mlp(seed: int = 0) -> nn.Module:
-    """784-300-100-10 with a third of each hidden layer's units dead (zero rows, zero bias)."""
-    g = torch.Generator().manual_seed(seed)
+    """784-300-100-10 with a third of each layer's units dead."""
     model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            dead = torch.rand(layer.out_features, generator=g) < 1 / 3
-            layer.weight[dead] = 0
-            layer.bias[dead] = 0
-    return model.eval()
+    return kill_channels(model, rate=1 / 3, seed=seed, columns=False).eval()
 
 
 def test_every_python_block_is_covered_here():
