@@ -48,6 +48,13 @@ Options:
   channel's group; ``taylor``: :func:`srfx.group_pruning.taylor_costs`, the first-order loss
   cost per weight freed, measured with cross-entropy on the first ``--calibration`` training
   images (unaugmented, batches of 256, the same images at every step).
+* ``--target-params N``: pruning stops once the compressed model stores at most N parameters
+  (:class:`srfx.cycle.Schedule` ``target_params``). ``--budget-epochs E``: the ablations at
+  another run's budget. The cycles' training (every optimizer step, rolled-back steps
+  included) is counted, and the last cycle's model is fine-tuned for the rest of E epochs
+  (one cosine schedule, a fresh optimizer) and reported instead of the selected cycle. With
+  ``--cycles 1`` this is the issue's "one minimize at the end": one long pruning schedule on
+  the full-size masked model, one minimize, then fine-tuning.
 * ``--train-subset N``: the first N training images only (0: all 45,000); ``--batch``,
   ``--threads`` (torch threads), ``--out`` (result name).
 * ``--checkpoint PATH``: the cycle's state after every stage (pruned, fine-tuned, minimized,
@@ -64,6 +71,7 @@ float32 images in [0, 1] (any N) and returning logits.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import sys
@@ -284,6 +292,19 @@ def save_dense_cache(path: Path, key: dict, model: nn.Module, loader) -> None:
     torch.save({"key": key, "state_dict": model.state_dict(), "rng": torch.get_rng_state(), "loader_epoch": loader.epoch}, path)
 
 
+def spend_budget(driver: SqueezeRelease, budget_epochs: float, batches_per_epoch: int) -> tuple[nn.Module, dict]:
+    """Fine-tune the driver's last model for what its cycles left of ``budget_epochs`` (every
+    optimizer step counts, rolled-back steps too), so that an ablation ends at another run's
+    training budget. One cosine schedule with a fresh optimizer (the copy's parameters are new
+    to the loop). Not checkpointed: a rerun repeats this fine-tuning from the last cycle."""
+    used = driver.loop.steps / batches_per_epoch
+    extra = max(0.0, budget_epochs - used)
+    small = copy.deepcopy(driver.models[-1])
+    if extra > 0:
+        small = driver.loop.train(small, extra)
+    return small, {"budget_epochs": budget_epochs, "cycle_epochs": used, "extra_epochs": extra}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "cifar10")
@@ -305,6 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prune-rate", type=float, default=0.5, help="fraction of the remaining weights each pruning step takes (halved on rollback)")
     ap.add_argument("--min-rate", type=float, default=1 / 32, help="a cycle stops pruning when the rate falls below this")
     ap.add_argument("--max-prune-steps", type=int, default=30, help="pruning steps (accepted + rolled back) per cycle at most")
+    ap.add_argument("--target-params", type=int, default=None, help="stop pruning once the compressed model stores at most this many parameters")
+    ap.add_argument("--budget-epochs", type=float, default=None,
+                    help="the cycle's training budget in epochs: the last model is fine-tuned for whatever the cycles left of it and reported (the ablations)")
     ap.add_argument("--optimizer-state", choices=["rebuild", "slice"], default="rebuild", help="after a release: fresh optimizer or sliced state")
     ap.add_argument("--scores", choices=["relative", "taylor"], default="relative", help="group pruner's channel ranking (see above)")
     ap.add_argument("--calibration", type=int, default=2048, help="training images the taylor scores are measured on")
@@ -357,7 +381,7 @@ def main(argv=None) -> int:
         cycles=args.cycles, target_sparsity=args.sparsity[0] if len(args.sparsity) == 1 else args.sparsity,
         finetune_epochs=args.finetune[0] if len(args.finetune) == 1 else args.finetune,
         recovery_epochs=args.recovery, tolerance=args.tolerance, prune_rate=args.prune_rate, min_rate=args.min_rate,
-        max_prune_steps=args.max_prune_steps, reference_accuracy=dense_val,
+        max_prune_steps=args.max_prune_steps, reference_accuracy=dense_val, target_params=args.target_params,
     )
     if args.scores == "taylor":
         n = args.calibration
@@ -373,20 +397,29 @@ def main(argv=None) -> int:
     small = driver.run()
     print(driver.table(), flush=True)
     cycle, small = driver.best(args.tolerance if args.select_tolerance is None else args.select_tolerance)
-    test_acc = accuracy(small, test)
     curve = []  # every cycle's model on the test set too: reported, never used to select
     for record, cycle_model in zip(driver.history, driver.models):
         curve.append({"cycle": record.cycle, "stored": record.stored, "ratio": dense_params / record.stored,
                       "val_accuracy": record.accuracy, "test_accuracy": accuracy(cycle_model, test)})
         print(f"cycle {record.cycle}: {curve[-1]['ratio']:.2f}x, validation {record.accuracy:.4f}, test {curve[-1]['test_accuracy']:.4f}", flush=True)
+    method, budget = "squeeze-release (group pruning)", {}
+    if args.budget_epochs is not None:
+        small, budget = spend_budget(driver, args.budget_epochs, len(train))
+        cycle = len(driver.models) - 1
+        curve.append({"cycle": "last + budget", "stored": count_stored(small), "ratio": dense_params / count_stored(small),
+                      "val_accuracy": accuracy(small, val), "test_accuracy": accuracy(small, test)})
+        print(f"the last model after {budget['extra_epochs']:.2f} more epochs: validation {curve[-1]['val_accuracy']:.4f}, "
+              f"test {curve[-1]['test_accuracy']:.4f}", flush=True)
+        method = "group pruning, one minimize at the end" if args.cycles == 1 else "squeeze-release (group pruning), at a fixed budget"
+    test_acc = accuracy(small, test)
     stored = count_stored(small)
     result = {
-        "dataset": "cifar10", "model": args.model, "method": "squeeze-release (group pruning)",
+        "dataset": "cifar10", "model": args.model, "method": method,
         "dense_params": dense_params, "params": count_parameters(small), "stored": stored, "nnz": count_nonzero(small),
         "ratio": dense_params / stored, "nnz_ratio": dense_params / max(1, count_nonzero(small)),
         "dense_accuracy": dense_test, "accuracy": test_acc, "dense_val_accuracy": dense_val,
         "selected_cycle": cycle, "seconds": time.time() - t0, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "history": [r.as_dict() for r in driver.history], "curve": curve, "git": git_state(),
+        "history": [r.as_dict() for r in driver.history], "curve": curve, **budget, "git": git_state(),
     }
     out = ROOT / "bench" / "results" / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=2))

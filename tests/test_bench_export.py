@@ -225,3 +225,43 @@ def test_cifar_cycle_seed_changes_the_data_order_only_from_where_it_is_set():
     b.seed = bench.CYCLE_SEED_STREAM * 2  # what --cycle-seed 1 sets after dense training
     orders = {tuple(next(iter(a))[1].tolist()), tuple(next(iter(b))[1].tolist())}
     assert len(orders) == 2 and a.epoch == b.epoch == 2
+
+
+def test_cifar_bench_one_minimize_at_the_end_spends_the_given_budget(tmp_path, monkeypatch):
+    """--cycles 1 --budget-epochs E (the one-minimize ablation): the cycle's training, rolled-back
+    steps included, and the final fine-tuning add up to E epochs of optimizer steps; the
+    reported model is the fine-tuned last one, and --target-params stops pruning at that size."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("timm")
+    bench = _cifar_bench()
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    _fake_cifar(data, 5000 + 256, 200)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    spent = []
+    real_spend = bench.spend_budget
+
+    def spy(driver, budget_epochs, batches_per_epoch):
+        before = driver.loop.steps
+        small, info = real_spend(driver, budget_epochs, batches_per_epoch)
+        spent.append((before, driver.loop.steps, batches_per_epoch))
+        return small, info
+
+    monkeypatch.setattr(bench, "spend_budget", spy)
+    dense_params = 3_377_730  # convnext_atto, 10 classes
+    target = dense_params // 2
+    argv = ["--data", str(data), "--dense-epochs", "0.25", "--cycles", "1", "--sparsity", "0.9", "--finetune", "0",
+            "--recovery", "0.25", "--max-prune-steps", "4", "--prune-rate", "0.3", "--min-rate", "0.3", "--tolerance", "1.0",
+            "--target-params", str(target), "--budget-epochs", "1.5", "--batch", "64", "--threads", "1", "--out", "oneshot"]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "bench" / "results" / "oneshot.json").read_text())
+    before, after, per_epoch = spent[0]
+    assert after == pytest.approx(1.5 * per_epoch, abs=1)  # the whole budget, no more
+    assert result["cycle_epochs"] == pytest.approx(before / per_epoch) and result["extra_epochs"] > 0
+    assert result["method"] == "group pruning, one minimize at the end"
+    assert result["stored"] <= target and result["dense_params"] == dense_params
+    assert result["curve"][-1]["cycle"] == "last + budget" and result["curve"][-1]["test_accuracy"] == result["accuracy"]
