@@ -8,6 +8,14 @@ LayerNorm before it can be compensated. Calls it cannot express (attention weigh
 masks, bias_k/bias_v, zero attention, different key/value widths) go to the original module,
 which it keeps: those stay whole, exactly as before. The swap happens on srfx's private copy;
 verification compares the result with the user's unchanged model.
+
+``nn.TransformerEncoder`` and ``nn.TransformerEncoderLayer`` are fx leaves too (torch.nn
+modules): :class:`DecomposedTransformerEncoder` and :class:`DecomposedTransformerEncoderLayer`
+are their eval-mode functions for calls without masks (the layer's reference path), so the
+attention inside, the feed-forward units and the LayerNorm streams become visible. A call they
+do not express raises :class:`Unexpressible` while tracing, and the tracer keeps that module
+whole. No wrapper is left where tracing never reached it (inside a module kept whole): the
+result is never larger than the model.
 """
 from __future__ import annotations
 
@@ -15,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DecomposedMultiheadAttention", "decompose_attention", "mixed_calls"]
+__all__ = ["DecomposedMultiheadAttention", "DecomposedTransformerEncoderLayer", "DecomposedTransformerEncoder", "Unexpressible",
+           "decompose_modules", "mixed_calls", "unseen"]
 
 
 class DecomposedMultiheadAttention(nn.Module):
@@ -66,18 +75,94 @@ def _expressible(mha: nn.MultiheadAttention) -> bool:
     )
 
 
-def decompose_attention(model: nn.Module, keep: frozenset = frozenset()) -> int:
-    """Swap every expressible ``nn.MultiheadAttention`` of ``model`` (srfx's own copy: in
-    place) for its decomposed form, except those named in ``keep``; returns how many."""
-    swaps = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            qualified = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.MultiheadAttention and _expressible(child) and qualified not in keep:
-                swaps.append((module, child_name, child))
-    for parent, child_name, child in swaps:
-        setattr(parent, child_name, DecomposedMultiheadAttention(child))
-    return len(swaps)
+class Unexpressible(Exception):
+    """Raised while tracing by a decomposed module called in a way its form does not express
+    (masks, causal hints): the tracer keeps that module whole and traces again."""
+
+    def __init__(self, module: nn.Module, why: str):
+        super().__init__(f"{type(module).__name__}: {why}")
+        self.module = module
+
+
+class DecomposedTransformerEncoderLayer(nn.Module):
+    """The eval-mode function of an ``nn.TransformerEncoderLayer`` for calls without masks:
+    its reference path (the fast path computes the same up to rounding), over the layer's own
+    submodules."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__()
+        for name in ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
+            setattr(self, name, getattr(layer, name))
+        self.activation = layer.activation  # a module (registered as before) or a function
+        self.norm_first = layer.norm_first
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if src_mask is not None or src_key_padding_mask is not None or is_causal:
+            raise Unexpressible(self, "a call with masks or is_causal")
+        x = src
+        if self.norm_first:
+            x = x + self._attention(self.norm1(x))
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self._attention(x))
+        return self.norm2(x + self._feed_forward(x))
+
+    def _attention(self, x):
+        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+
+    def _feed_forward(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class DecomposedTransformerEncoder(nn.Module):
+    """The eval-mode function of an ``nn.TransformerEncoder`` for calls without masks: its
+    layers in turn (called as it calls them), then its norm. With a key padding mask the
+    original may run on nested tensors and zero the padded positions: such calls are not
+    expressed."""
+
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.layers = encoder.layers
+        self.norm = encoder.norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if mask is not None or src_key_padding_mask is not None or is_causal:
+            raise Unexpressible(self, "a call with masks or is_causal")
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=None, is_causal=False, src_key_padding_mask=None)
+        return out if self.norm is None else self.norm(out)
+
+
+# exact type -> (can this instance be expressed, its decomposed form); outer kinds first, so
+# that each later pass finds the modules inside the wrappers of the earlier ones
+_DECOMPOSITIONS = (
+    (nn.TransformerEncoder, lambda m: True, DecomposedTransformerEncoder),
+    (nn.TransformerEncoderLayer, lambda m: True, DecomposedTransformerEncoderLayer),
+    (nn.MultiheadAttention, _expressible, DecomposedMultiheadAttention),
+)
+
+
+def decompose_modules(model: nn.Module, keep: frozenset = frozenset()) -> dict[str, nn.Module]:
+    """Swap every expressible ``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` of ``model`` (srfx's own copy: in place) for its decomposed
+    form, except those named in ``keep`` and those inside them (a kept module runs whole).
+    Returns qualified name -> decomposed module."""
+    swapped: dict[str, nn.Module] = {}
+
+    def kept(name: str) -> bool:
+        return any(name == k or name.startswith(k + ".") for k in keep)
+
+    for kind, expressible, decomposed in _DECOMPOSITIONS:
+        swaps = []
+        for name, module in model.named_modules():
+            for child_name, child in module.named_children():
+                qualified = f"{name}.{child_name}" if name else child_name
+                if type(child) is kind and expressible(child) and not kept(qualified):
+                    swaps.append((module, child_name, child, qualified))
+        for parent, child_name, child, qualified in swaps:
+            swapped[qualified] = decomposed(child)
+            setattr(parent, child_name, swapped[qualified])
+    return swapped
 
 
 def mixed_calls(gm) -> frozenset:
@@ -89,3 +174,10 @@ def mixed_calls(gm) -> frozenset:
     originals = {t[: -len(".original")] for t in targets if t.endswith(".original")}
     return frozenset(m for m in originals if any(t.startswith(m + ".") and not t.startswith(m + ".original") for t in targets))
 
+
+
+def unseen(gm, swapped: dict[str, nn.Module]) -> frozenset:
+    """Decomposed modules the trace never entered (they sit inside a module fx keeps whole):
+    keeping them whole restores the original module, without the wrapper's extra weights."""
+    targets = [n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
+    return frozenset(name for name in swapped if not any(t == name or t.startswith(name + ".") for t in targets))

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.proxy import ParameterProxy
 
-from .decompose import decompose_attention, mixed_calls
+from .decompose import Unexpressible, decompose_modules, mixed_calls, unseen
 from .errors import InputError, TraceError
 
 __all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "working_copy", "hooked_modules", "preserved_buffers"]
@@ -439,18 +439,24 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
 
 
 def _trace_decomposed(model: torch.nn.Module, make_tracer, n_inputs: int) -> tuple[fx.GraphModule, int]:
-    """Trace a working copy whose nn.MultiheadAttention modules are decomposed (heads become
-    visible), except modules the graph calls both decomposed and whole: those stay whole.
-    Returns the graph and how many modules were decomposed."""
+    """Trace a working copy whose attention and transformer modules are decomposed (heads,
+    feed-forward units and norm streams become visible), except modules called in a way their
+    form does not express, called both decomposed and whole, or never reached by the trace:
+    those stay whole. Returns the graph and how many modules stay decomposed."""
     keep: frozenset = frozenset()
     while True:
         work = working_copy(model)
-        decomposed = decompose_attention(work, keep)
-        gm = _symbolic_trace(work, make_tracer(), n_inputs)
-        mixed = mixed_calls(gm) - keep
-        if not mixed:
-            return gm, decomposed
-        keep |= mixed
+        swapped = decompose_modules(work, keep)
+        names = {id(m): n for n, m in swapped.items()}
+        try:
+            gm = _symbolic_trace(work, make_tracer(), n_inputs)
+        except Unexpressible as exc:
+            keep |= {names[id(exc.module)]}
+            continue
+        whole = (mixed_calls(gm) | unseen(gm, swapped)) - keep
+        if not whole:
+            return gm, len(swapped)
+        keep |= whole
 
 
 _LEAF = "or register the module as a leaf (timm.layers.register_notrace_module), which srfx then keeps whole"
