@@ -11,7 +11,8 @@ verification compares the result with the user's unchanged model.
 
 ``nn.TransformerEncoder`` and ``nn.TransformerEncoderLayer`` are fx leaves too (torch.nn
 modules): :class:`DecomposedTransformerEncoder` and :class:`DecomposedTransformerEncoderLayer`
-are their eval-mode functions for calls without masks (the layer's reference path), so the
+are their eval-mode functions for calls without masks or with a causal hint (``is_causal=True``
+and its mask; the layer's reference path), so the
 attention inside, the feed-forward units and the LayerNorm streams become visible. A call they
 do not express raises :class:`Unexpressible` while tracing, and the tracer keeps that module
 whole. No wrapper is left where tracing never reached it (inside a module kept whole): the
@@ -28,7 +29,9 @@ __all__ = ["DecomposedMultiheadAttention", "DecomposedTransformerEncoderLayer", 
 
 
 class DecomposedMultiheadAttention(nn.Module):
-    """The eval-mode function of ``mha`` for ``need_weights=False`` calls without masks."""
+    """The eval-mode function of ``mha`` for ``need_weights=False`` calls without masks, or
+    with ``is_causal=True`` and its ``attn_mask`` (torch then drops the mask for the causal
+    hint too)."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -53,7 +56,9 @@ class DecomposedMultiheadAttention(nn.Module):
             return getattr(self._modules["original"], name)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
-        if need_weights or key_padding_mask is not None or attn_mask is not None:
+        # no mask and no hint, or a mask with the causal hint (is_causal without a mask: torch raises, so the original runs)
+        expressed = not need_weights and key_padding_mask is None and (attn_mask is None) == (not is_causal)
+        if not expressed:
             return self.original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                  attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         if not self.batch_first:
@@ -63,7 +68,7 @@ class DecomposedMultiheadAttention(nn.Module):
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=self.head_dim ** -0.5)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(is_causal), scale=self.head_dim ** -0.5)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
@@ -97,17 +102,17 @@ class DecomposedTransformerEncoderLayer(nn.Module):
         self.norm_first = layer.norm_first
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        if src_mask is not None or src_key_padding_mask is not None or is_causal:
-            raise Unexpressible(self, "a call with masks or is_causal")
+        if src_key_padding_mask is not None or (src_mask is not None) != bool(is_causal):
+            raise Unexpressible(self, "a call with a padding mask, or an attention mask that is not a causal hint")
         x = src
         if self.norm_first:
-            x = x + self._attention(self.norm1(x))
+            x = x + self._attention(self.norm1(x), src_mask, is_causal)
             return x + self._feed_forward(self.norm2(x))
-        x = self.norm1(x + self._attention(x))
+        x = self.norm1(x + self._attention(x, src_mask, is_causal))
         return self.norm2(x + self._feed_forward(x))
 
-    def _attention(self, x):
-        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+    def _attention(self, x, mask, is_causal):
+        return self.dropout1(self.self_attn(x, x, x, attn_mask=mask, need_weights=False, is_causal=bool(is_causal))[0])
 
     def _feed_forward(self, x):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
@@ -125,11 +130,12 @@ class DecomposedTransformerEncoder(nn.Module):
         self.norm = encoder.norm
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
-        if mask is not None or src_key_padding_mask is not None or is_causal:
-            raise Unexpressible(self, "a call with masks or is_causal")
+        causal = is_causal is True  # with a mask and no hint the original compares it with a causal mask's values
+        if src_key_padding_mask is not None or (mask is not None) != causal:
+            raise Unexpressible(self, "a call with a padding mask, or an attention mask that is not a causal hint")
         out = src
         for layer in self.layers:
-            out = layer(out, src_mask=None, is_causal=False, src_key_padding_mask=None)
+            out = layer(out, src_mask=mask, is_causal=causal, src_key_padding_mask=None)
         return out if self.norm is None else self.norm(out)
 
 

@@ -87,32 +87,62 @@ def test_an_encoder_called_with_a_padding_mask_stays_whole():
         assert_close(model(x, padding), small(x, padding))
 
 
-class CausalAndPlain(nn.Module):
-    """One layer called with a causal mask (kept whole), one without (decomposed)."""
+class CausalAndPadded(nn.Module):
+    """One layer called with a causal mask and hint (decomposed), one with a padding mask (kept
+    whole: the decomposed form does not express it)."""
 
     def __init__(self):
         super().__init__()
         self.causal = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
-        self.plain = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+        self.padded = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
 
-    def forward(self, x):
-        mask = nn.Transformer.generate_square_subsequent_mask(5)
-        return self.plain(self.causal(x, src_mask=mask, is_causal=True))
+    def forward(self, x, padding):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.padded(self.causal(x, src_mask=mask, is_causal=True), src_key_padding_mask=padding)
 
 
-def test_a_layer_called_with_a_causal_mask_stays_whole_and_the_other_shrinks():
+def test_a_causal_layer_shrinks_and_a_padded_one_stays_whole():
     torch.manual_seed(0)
-    model = _random_vectors(CausalAndPlain().eval(), 3)
+    model = _random_vectors(CausalAndPadded().eval(), 3)
     with torch.no_grad():
         model.causal.linear2.weight[:, :8] = 0
-        model.plain.linear2.weight[:, :8] = 0
-    x = torch.randn(2, 5, 16)
-    small = srfx.compress(model, x)
-    assert small.get_submodule("causal").linear1.out_features == 32  # whole: its original module
-    assert small.get_submodule("plain.linear1").out_features == 24
-    y = torch.randn(3, 5, 16)
+        model.padded.linear2.weight[:, :8] = 0
+    x, padding = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 4 + [True]])
+    small = srfx.compress(model, (x, padding))
+    assert small.get_submodule("causal.linear1").out_features == 24
+    assert small.get_submodule("padded").linear1.out_features == 32  # whole: its original module
+    y = torch.randn(2, 5, 16)
     with torch.no_grad():
-        assert_close(model(y), small(y))
+        assert_close(model(y, padding), small(y, padding))
+
+
+class CausalLM(nn.Module):
+    """A decoder-only stack as nn.TransformerEncoder with a causal mask and the is_causal hint."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True), 2)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, tokens):
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        return self.head(self.encoder(self.embed(tokens), mask=mask, is_causal=True))
+
+
+def test_a_causal_encoder_stack_loses_heads_and_units_and_stays_causal():
+    torch.manual_seed(0)
+    model = _random_vectors(CausalLM().eval(), 4)
+    _kill_unit_and_head(model)
+    tokens = torch.randint(0, 20, (2, 6))
+    small = srfx.compress(model, tokens)
+    assert report(small).heads_removed == 1
+    assert small.get_submodule("encoder.layers.0.linear1").out_features == 24
+    with torch.no_grad():
+        assert_close(model(tokens), small(tokens))
+        changed = tokens.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % 20  # a later token does not reach earlier positions
+        assert_close(small(tokens)[:, :-1], small(changed)[:, :-1])
 
 
 class FullTransformer(nn.Module):
