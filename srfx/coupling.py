@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +24,7 @@ from . import rules as _rules  # noqa: F401  (registers the rule table)
 from .env import NodeEnv, mutated_attributes, tensor_leaves
 from .facts import Effects, Mix, ParamKey, Ref, Role, ValueKey
 from .registry import describe_op, lookup
-from .tracing import facts_of
+from .tracing import UNTRACEABLE_KEY, facts_of
 
 __all__ = ["Dim", "Group", "Coupling", "coupling_groups"]
 
@@ -169,7 +170,19 @@ class _Builder:
         if ref.value.node == current.name:
             return self.make(ref)
         # an input axis no rule upstream tracked (model input, barrier output): keep it
-        return self.make(ref, f"axis {ref.axes} of {ref.value} is not traced to a channel source")
+        why = f"axis {ref.axes} of {ref.value} is not traced to a channel source"
+        source = self._untraceable_source(ref.value.node)
+        if source is not None:
+            why += f": it comes out of {source.target}, kept whole ({source.meta[UNTRACEABLE_KEY]})"
+        return self.make(ref, why)
+
+    def _untraceable_source(self, name: str) -> Optional[fx.Node]:
+        """The module call kept whole for failing to trace that ``name`` is an output of (through
+        tuple indexing), if any."""
+        node = self._nodes.get(name)
+        while node is not None and node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node if node is not None and UNTRACEABLE_KEY in node.meta else None
 
     # --- build --------------------------------------------------------------------------
     def run(self) -> Coupling:
@@ -191,7 +204,9 @@ class _Builder:
             if eff.fixed:
                 self.barriers[node.name] = eff.fixed[0][1]
         elif rule is None:
-            eff = _barrier(inputs, f"no channel rule for {describe_op(node, self.modules)}")
+            untraceable = node.meta.get(UNTRACEABLE_KEY)
+            why = f"{node.target} kept whole: {untraceable}" if untraceable else f"no channel rule for {describe_op(node, self.modules)}"
+            eff = _barrier(inputs, why)
             if eff.fixed:
                 self.barriers[node.name] = eff.fixed[0][1]
         else:

@@ -11,11 +11,12 @@ for real.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import threading
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from .errors import InputError, TraceError
 __all__ = ["Traced", "NodeFacts", "trace", "normalize_inputs", "facts_of", "bake_masks", "private_copy", "working_copy", "hooked_modules", "preserved_buffers"]
 
 META_KEY = "srfx"
+UNTRACEABLE_KEY = "srfx_untraceable"  # node.meta of a module kept whole because fx could not trace it: why
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class Traced:
 
     graph_module: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
-    front_end: str  # "fx" or "fx+timm-leaves"
+    front_end: str  # "fx", "fx+untraceable-leaves" or "fx+timm-leaves"
+    untraceable: dict = field(default_factory=dict)  # module kept whole -> why fx could not trace it
 
 
 def normalize_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
@@ -170,12 +173,68 @@ class _Tracer(fx.Tracer):
 
 
 class _LeafTracer(_Tracer):
-    def __init__(self, leaf_modules: Sequence[type], autowrap_functions: Sequence[Any]):
+    def __init__(self, leaf_modules: Sequence[type] = (), autowrap_functions: Sequence[Any] = ()):
         super().__init__(autowrap_functions=tuple(f for f in autowrap_functions if callable(f)))
         self._leaf_types = tuple(leaf_modules)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
+
+
+class _UntraceableLeafTracer(_Tracer):
+    """fx with the named module instances kept whole: those whose forward fx could not trace."""
+
+    def __init__(self, leaves: Sequence[str] = (), autowrap_functions: Sequence[Any] = ()):  # bare: unpickling builds it so
+        super().__init__(autowrap_functions=tuple(f for f in autowrap_functions if callable(f)))
+        self._untraceable = frozenset(leaves)
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return qualname in self._untraceable or super().is_leaf_module(m, qualname)
+
+
+# at most this many modules are kept whole for failing to trace before srfx gives up
+MAX_UNTRACEABLE = 32
+
+
+def _innermost_module(tracer: fx.Tracer) -> str:
+    """The module whose forward was being traced when tracing raised: fx pushes each module it
+    enters on ``module_stack`` and pops it on return, so a failure leaves the path in place."""
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    return stack[-1][0] if stack else ""
+
+
+def _trace_around_failures(model: torch.nn.Module, n_inputs: int, autowrap: Sequence[Any] = ()) -> tuple[fx.GraphModule, int, dict]:
+    """Trace with plain fx; where a submodule's forward cannot be traced (control flow on
+    values or shapes, tensor assignment), keep that module instance whole and trace again: a
+    barrier there instead of a model srfx cannot read at all. A failure in the model's own
+    forward, or more than MAX_UNTRACEABLE of them, raises. ``autowrap``: functions fx records
+    as calls instead of tracing into. Returns the graph, how many modules stay decomposed, and
+    module -> why it was kept whole."""
+    leaves: dict[str, str] = {}
+    while True:
+        made: list[fx.Tracer] = []
+
+        def make_tracer():
+            made.append(_UntraceableLeafTracer(leaves, autowrap))
+            return made[-1]
+
+        try:
+            gm, decomposed = _trace_decomposed(model, make_tracer, n_inputs)
+            return gm, decomposed, leaves
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+            name = _innermost_module(made[-1]) if made else ""
+            if not name or name in leaves or len(leaves) >= MAX_UNTRACEABLE:
+                raise
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            leaves[name] = f"torch.fx could not trace its forward ({type(exc).__name__}: {first_line}{_where_it_failed(exc)})"
+
+
+def _mark_untraceable(gm: fx.GraphModule, untraceable: dict) -> None:
+    """Say on each call of a module kept whole for failing to trace why (the analysis's barrier
+    reason then names the failure, not a missing channel rule)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in untraceable:
+            node.meta[UNTRACEABLE_KEY] = untraceable[node.target]
 
 
 def _forward_parameters(model: torch.nn.Module) -> list:
@@ -416,15 +475,31 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     inputs = normalize_inputs(example_input)
     failures = []
     leaf_modules, leaf_functions = _timm_leaves()
-    attempts = [("fx", lambda: _Tracer())]
-    if leaf_modules or leaf_functions:
-        attempts.append(("fx+timm-leaves", lambda: _LeafTracer(leaf_modules, leaf_functions)))
-    for front_end, make_tracer in attempts:
+    # plain fx, the submodules it cannot trace kept whole; if some were, also with timm's
+    # not-traceable functions recorded as calls (finer barriers), keeping the trace that hides
+    # fewer parameters in whole modules; timm's leaf modules and functions as a last resort
+    attempts = [("fx", ())] + ([("fx+timm-functions", tuple(leaf_functions))] if leaf_functions else [])
+    found = []
+    for front_end, autowrap in attempts:
         try:
-            gm, decomposed = _trace_decomposed(model, make_tracer, len(inputs))
+            gm, decomposed, untraceable = _trace_around_failures(model, len(inputs), autowrap)
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
             failures.append(f"{front_end}: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
             continue
+        hidden = sum(p.numel() for name in untraceable for p in gm.get_submodule(name).parameters())
+        make = functools.partial(_UntraceableLeafTracer, dict(untraceable), autowrap)
+        found.append((hidden, len(found), front_end + ("+untraceable-leaves" if untraceable else ""), gm, decomposed, untraceable, make))
+        if not untraceable:
+            break
+    if not found and (leaf_modules or leaf_functions):
+        make = functools.partial(_LeafTracer, leaf_modules, leaf_functions)
+        try:
+            gm, decomposed = _trace_decomposed(model, make, len(inputs))
+            found.append((0, 0, "fx+timm-leaves", gm, decomposed, {}, make))
+        except Exception as exc:
+            failures.append(f"fx+timm-leaves: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
+    if found:
+        _, _, front_end, gm, decomposed, untraceable, make_tracer = min(found, key=lambda f: f[:2])
         try:
             _propagate_shapes(gm, inputs)
         except InputError:
@@ -434,7 +509,8 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
             # anything else it does not express, runs the original modules whole
             gm = _symbolic_trace(working_copy(model), make_tracer(), len(inputs))
             _propagate_shapes(gm, inputs)
-        return Traced(gm, inputs, front_end)
+        _mark_untraceable(gm, untraceable)
+        return Traced(gm, inputs, front_end, untraceable)
     raise TraceError(f"could not trace {type(model).__name__} with torch.fx:\n  " + "\n  ".join(failures) + "\n" + _signature_advice(model) + _advice(failures))
 
 

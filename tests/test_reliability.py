@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize, prune
 
 import srfx
 from architectures import ResidualCNN
-from helpers import assert_untouched, kill_channels, report, snapshot
+from helpers import assert_close, assert_untouched, kill_channels, report, snapshot
 
 
 class DataDependent(nn.Module):
@@ -708,3 +708,93 @@ def test_an_exported_module_is_kept_whole_and_the_plan_says_to_pass_the_model_be
     assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
     assert "pass the nn.Module before export" in str(srfx.plan(exported, x))
     assert report(srfx.compress(m, x)).params_after < report(small).params_after  # the model itself shrinks
+
+
+class ShapeGate(nn.Module):
+    """Python control flow on a shape: fx cannot trace this forward."""
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            return x * 2.0
+        return x
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.gate, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), ShapeGate(), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.gate(torch.relu(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+def test_a_submodule_fx_cannot_trace_is_kept_whole_and_the_rest_shrinks(tmp_path):
+    """It used to make the whole model untraceable (TraceError). Now that module instance is
+    kept whole, with the failure as the reason, and channels elsewhere still go; the leaf runs
+    its own code, so its branch is still taken per call."""
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    with torch.no_grad():
+        model.conv1.weight[:2] = 0  # in front of the gate: kept (the gate reads them whole)
+        model.conv2.weight[:3] = 0  # behind it: they go
+        model.conv2.bias[:3] = -1.0
+    x = torch.randn(2, 3, 8, 8)
+    small = srfx.compress(model, x)
+    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 5
+    reasons = [g.fixed for g in srfx.analyze(model, x).groups if g.fixed]
+    assert any("gate kept whole: torch.fx could not trace its forward" in r for r in reasons), reasons
+    for shape in ((2, 3, 8, 8), (1, 3, 4, 4)):  # both of the gate's branches
+        y = torch.randn(*shape)
+        assert_close(model(y), small(y))
+    path = tmp_path / "small.pt"
+    torch.save(small, path)  # a GraphModule pickles by retracing with its tracer class
+    again = torch.load(path, weights_only=False)
+    assert_close(model(x), again(x))
+
+
+def halve_if_wide(x):
+    """Control flow on a shape, registered with timm as a function fx should not trace (fx
+    wraps only public names)."""
+    if x.shape[-1] > 4:
+        return x * 0.5
+    return x
+
+
+class HelperBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv_b(halve_if_wide(torch.relu(self.conv_a(x))))
+
+
+class HelperNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), HelperBlock(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.block(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_registered_untraceable_function_is_a_finer_barrier_than_its_whole_module():
+    """Plain fx fails inside the block; keeping the block whole would hide conv_b. With timm's
+    not-traceable functions recorded as calls nothing is kept whole, and that trace is chosen."""
+    timm_layers = pytest.importorskip("timm.layers")
+    timm_layers.register_notrace_function(halve_if_wide)
+    torch.manual_seed(0)
+    model = HelperNet().eval()
+    with torch.no_grad():
+        model.block.conv_b.weight[:3] = 0
+        model.block.conv_b.bias[:3] = -1.0
+    x = torch.randn(2, 3, 8, 8)
+    traced = srfx.trace(model, x)
+    assert traced.front_end == "fx+timm-functions" and traced.untraceable == {}
+    small = srfx.compress(model, x)
+    assert small.block.conv_b.out_channels == 5
+    for shape in ((2, 3, 8, 8), (1, 3, 4, 4)):
+        y = torch.randn(*shape)
+        assert_close(model(y), small(y))
