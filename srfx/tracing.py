@@ -192,26 +192,30 @@ class _UntraceableLeafTracer(_Tracer):
         return qualname in self._untraceable or super().is_leaf_module(m, qualname)
 
 
-# at most this many modules are kept whole for failing to trace before srfx gives up
+# at most this many retraces around modules fx could not trace before srfx gives up
 MAX_UNTRACEABLE = 32
 
 
-def _innermost_module(tracer: fx.Tracer) -> str:
-    """The module whose forward was being traced when tracing raised: fx pushes each module it
-    enters on ``module_stack`` and pops it on return, so a failure leaves the path in place."""
+def _innermost_module(tracer: fx.Tracer) -> tuple[str, Any]:
+    """The module (name, class) whose forward was being traced when tracing raised: fx pushes
+    each module it enters on ``module_stack`` and pops it on return, so a failure leaves the
+    path in place."""
     stack = list(getattr(tracer, "module_stack", {}).values())
-    return stack[-1][0] if stack else ""
+    return stack[-1] if stack else ("", None)
 
 
 def _trace_around_failures(model: torch.nn.Module, n_inputs: int, autowrap: Sequence[Any] = ()) -> tuple[fx.GraphModule, int, dict]:
     """Trace with plain fx; where a submodule's forward cannot be traced (control flow on
     values or shapes, tensor assignment), keep that module instance whole and trace again: a
-    barrier there instead of a model srfx cannot read at all. A failure in the model's own
-    forward, or more than MAX_UNTRACEABLE of them, raises. ``autowrap``: functions fx records
-    as calls instead of tracing into. Returns the graph, how many modules stay decomposed, and
-    module -> why it was kept whole."""
+    barrier there instead of a model srfx cannot read at all. Once a second module of one class
+    fails, every module of that class is kept whole at once (a deep model's blocks would
+    otherwise cost a trace each). A failure in the model's own forward, or more than
+    MAX_UNTRACEABLE retries, raises. ``autowrap``: functions fx records as calls instead of
+    tracing into. Returns the graph, how many modules stay decomposed, and module -> why it
+    was kept whole."""
     leaves: dict[str, str] = {}
-    while True:
+    failed_classes: set = set()
+    for _ in range(MAX_UNTRACEABLE + 1):
         made: list[fx.Tracer] = []
 
         def make_tracer():
@@ -222,11 +226,18 @@ def _trace_around_failures(model: torch.nn.Module, n_inputs: int, autowrap: Sequ
             gm, decomposed = _trace_decomposed(model, make_tracer, n_inputs)
             return gm, decomposed, leaves
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-            name = _innermost_module(made[-1]) if made else ""
-            if not name or name in leaves or len(leaves) >= MAX_UNTRACEABLE:
+            name, cls = _innermost_module(made[-1]) if made else ("", None)
+            if not name or name in leaves:
                 raise
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            leaves[name] = f"torch.fx could not trace its forward ({type(exc).__name__}: {first_line}{_where_it_failed(exc)})"
+            why = f"torch.fx could not trace its forward ({type(exc).__name__}: {first_line}{_where_it_failed(exc)})"
+            leaves[name] = why
+            if cls in failed_classes:
+                for other, module in made[-1].root.named_modules():
+                    if type(module) is cls and other not in leaves:
+                        leaves[other] = f"a {cls.__name__} like {name}: {why}"
+            failed_classes.add(cls)
+    raise TraceError(f"fx still failed after keeping whole, {MAX_UNTRACEABLE} times, the module it failed in")
 
 
 def _mark_untraceable(gm: fx.GraphModule, untraceable: dict) -> None:
