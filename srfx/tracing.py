@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import copy
 import threading
 import traceback
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,7 +40,7 @@ class Traced:
 
     graph_module: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
-    front_end: str  # "fx", "fx+untraceable-leaves" or "fx+timm-leaves"
+    front_end: str  # "fx", "fx+known-functions", either "+untraceable-leaves", or "fx+timm-leaves"
     untraceable: dict = field(default_factory=dict)  # module kept whole -> why fx could not trace it
 
 
@@ -54,6 +56,20 @@ def normalize_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
                 "real tensors, pass one of the shape and dtype the model expects."
             )
     return inputs
+
+
+def _known_untraceable() -> tuple[Any, ...]:
+    """Functions fx should record as calls rather than trace into, from libraries that are
+    installed: timm's registered not-traceable functions, and einops (its functions read
+    concrete shapes and reject fx proxies). Each such call is a barrier."""
+    found: list[Any] = list(_timm_leaves()[1])
+    try:
+        import einops
+    except ImportError:
+        pass
+    else:
+        found.append(einops)
+    return tuple(found)
 
 
 def _timm_leaves() -> tuple[list[type], list[Any]]:
@@ -184,8 +200,9 @@ class _LeafTracer(_Tracer):
 class _UntraceableLeafTracer(_Tracer):
     """fx with the named module instances kept whole: those whose forward fx could not trace."""
 
-    def __init__(self, leaves: Sequence[str] = (), autowrap_functions: Sequence[Any] = ()):  # bare: unpickling builds it so
-        super().__init__(autowrap_functions=tuple(f for f in autowrap_functions if callable(f)))
+    def __init__(self, leaves: Sequence[str] = (), autowrap: Sequence[Any] = ()):  # bare: unpickling builds it so
+        modules = tuple(m for m in autowrap if isinstance(m, types.ModuleType))  # every public function of these
+        super().__init__(autowrap_modules=(math, *modules), autowrap_functions=tuple(f for f in autowrap if callable(f) and f not in modules))
         self._untraceable = frozenset(leaves)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
@@ -486,10 +503,11 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
     inputs = normalize_inputs(example_input)
     failures = []
     leaf_modules, leaf_functions = _timm_leaves()
-    # plain fx, the submodules it cannot trace kept whole; if some were, also with timm's
-    # not-traceable functions recorded as calls (finer barriers), keeping the trace that hides
+    # plain fx, the submodules it cannot trace kept whole; if some were, or it failed, also with
+    # known not-traceable functions recorded as calls (finer barriers), keeping the trace that hides
     # fewer parameters in whole modules; timm's leaf modules and functions as a last resort
-    attempts = [("fx", ())] + ([("fx+timm-functions", tuple(leaf_functions))] if leaf_functions else [])
+    known = _known_untraceable()
+    attempts = [("fx", ())] + ([("fx+known-functions", known)] if known else [])
     found = []
     for front_end, autowrap in attempts:
         try:

@@ -792,7 +792,7 @@ def test_a_registered_untraceable_function_is_a_finer_barrier_than_its_whole_mod
         model.block.conv_b.bias[:3] = -1.0
     x = torch.randn(2, 3, 8, 8)
     traced = srfx.trace(model, x)
-    assert traced.front_end == "fx+timm-functions" and traced.untraceable == {}
+    assert traced.front_end == "fx+known-functions" and traced.untraceable == {}
     small = srfx.compress(model, x)
     assert small.block.conv_b.out_channels == 5
     for shape in ((2, 3, 8, 8), (1, 3, 4, 4)):
