@@ -122,7 +122,8 @@ class CausalLM(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(20, 16)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True), 2)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True), 2,
+                                             enable_nested_tensor=False)
         self.head = nn.Linear(16, 20)
 
     def forward(self, tokens):
