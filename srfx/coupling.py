@@ -121,6 +121,7 @@ class _Builder:
         self.effects: dict[str, Effects] = {}
         self.barriers: dict[str, str] = {}
         self.memo: dict = {}  # rule results shared by nodes that differ only in names
+        self.whole: dict[str, str] = {}  # canonical tensor name -> the module without a rule that owns it
         self.params = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
         # tied tensors: every alias of one tensor is the same parameter key
         first: dict[int, str] = {}
@@ -209,6 +210,11 @@ class _Builder:
             eff = _barrier(inputs, why)
             if eff.fixed:
                 self.barriers[node.name] = eff.fixed[0][1]
+            if node.op == "call_module":  # what it owns it reads whole, wherever else the graph reads it
+                module = self.modules[node.target]
+                for name, _ in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+                    qualified = f"{node.target}.{name}"
+                    self.whole.setdefault(self.canonical.get(qualified, qualified), node.target)
         else:
             eff = rule.effects(node, env)
         self.effects[node.name] = eff
@@ -242,6 +248,9 @@ class _Builder:
                 self.fixed.setdefault(self.index[ref], f"{node.name}: its rule did not say where channel axis {ref.axes} goes")
 
     def _finish(self) -> Coupling:
+        for d in self.dims:  # a tensor also read inside a module kept whole (a shared submodule) keeps its shape
+            if isinstance(d.ref.value, ParamKey) and d.ref.value.qualname in self.whole:
+                self.fixed.setdefault(d.id, f"{d.ref.value.qualname} is also read whole inside {self.whole[d.ref.value.qualname]}")
         atom_of_slot = self._atoms()
         graph = nx.Graph()
         graph.add_nodes_from(range(len(self.dims)))

@@ -4,6 +4,7 @@ conv. Each case gave a wrong answer (or a crash) once; each is compressed with v
 that srfx's own check cannot hide a wrong rewrite, and compared with the model."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,3 +127,46 @@ def test_a_functional_grouped_transposed_conv_keeps_its_weight_whole():
     torch.manual_seed(0)
     small = _exact_without_verify(GroupedTransposed().eval(), torch.randn(2, 3, 7, 7), torch.randn(3, 3, 7, 7))
     assert tuple(small.w.shape) == (8, 2, 3, 3)
+
+
+class _UntraceableGate(nn.Module):
+    """Reads a Linear it shares with the model, behind control flow fx cannot trace."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            return self.lin(x).relu()
+        return x
+
+
+class _SharedWithAWholeModule(nn.Module):
+    def __init__(self, gate_first: bool):
+        super().__init__()
+        lin = nn.Linear(8, 8)
+        if gate_first:  # fx names a shared module by the first path it finds
+            self.gate, self.lin = _UntraceableGate(lin), lin
+        else:
+            self.lin, self.gate = lin, _UntraceableGate(lin)
+        self.pre, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.gate(self.lin(self.pre(x).relu()).relu()))
+
+
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_a_module_shared_with_a_module_kept_whole_keeps_its_shape(gate_first):
+    """The gate is kept whole (fx cannot trace it) and reads the shared Linear inside: slicing
+    that Linear for its traced call broke the gate (RewriteError). Its channels now stay."""
+    torch.manual_seed(0)
+    model = _SharedWithAWholeModule(gate_first).eval()
+    with torch.no_grad():
+        model.pre.weight[:3], model.pre.bias[:3] = 0, -1.0  # dead inputs of the shared Linear
+        model.lin.weight[:2], model.lin.bias[:2] = 0, -1.0  # dead outputs of it
+    x = torch.randn(2, 4)
+    small = _exact_without_verify(model, x, torch.randn(5, 4))
+    assert small.get_submodule("gate").lin.weight.shape == (8, 8)
+    reasons = " ".join(g.fixed for g in srfx.analyze(model, x).groups if g.fixed)
+    assert "is also read whole inside gate" in reasons
