@@ -129,3 +129,15 @@ def test_compress_takes_bert_directly_keeping_what_fx_cannot_trace_whole():
     other = torch.randint(0, 100, (3, 7))
     with torch.no_grad():
         assert_close(wrapper(other), small(other))
+
+
+def test_compress_takes_bert_without_token_types():
+    """The expanded token-type buffer the backend cannot restore is read inside the embeddings,
+    which compress keeps whole: the FFN units still go."""
+    model, ids = _bert()
+    wrapper = _Bert(model, token_types=False).eval()
+    small = srfx.compress(wrapper, ids)
+    assert small.meta[srfx.REPORT_KEY].params_after < small.meta[srfx.REPORT_KEY].params_before
+    other = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        assert_close(wrapper(other), small(other))
