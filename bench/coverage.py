@@ -7,7 +7,8 @@ un-zeroed zero-init heads and layer-scale gammas; by default also other near-zer
 scales the helper's name test misses, ``--canonical`` turns that off). timm's initialization
 is seeded with ``torch.manual_seed(--seed)``, so a run is reproducible. Then record:
 
-* the front end that traced it (``srfx.trace(model, x).front_end``);
+* the front end that traced it (``srfx.trace(model, x).front_end``) and the modules it kept
+  whole because fx could not trace them (tier C is made of such models);
 * coupling groups, shrinkable groups (no ``fixed`` reason), groups that shrank, and the
   channels removed (sum over ``report.groups`` of ``channels - kept``);
 * exactness: ``max|a - b| / max|a|`` of ``compress``'s output against the original on a
@@ -28,7 +29,7 @@ the most frequent group ``fixed`` reasons and barriers (from ``srfx.analyze``) a
 
 Prints a table and a summary line, writes bench/results/coverage.json (``--out``).
 
-    python bench/coverage.py [--tier A|B|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
+    python bench/coverage.py [--tier A|B|C|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
         [--dtype float32|float64] [--threshold T] [--canonical] [--no-recheck64] [--threads 1] [--out coverage.json]
 """
 from __future__ import annotations
@@ -58,7 +59,10 @@ TIER_B = [
     "cait_xxs24_224", "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "xcit_nano_12_p16_224",
     "gmlp_ti16_224",
 ]
-TIERS = {"A": TIER_A, "B": TIER_B, "all": TIER_A + TIER_B}
+# plain fx cannot trace some of their blocks (control flow on shapes, proxy iteration): srfx
+# keeps those module instances whole and compresses the rest
+TIER_C = ["mobilevit_xxs", "tiny_vit_5m_224", "nest_tiny", "mvitv2_tiny", "convit_tiny", "efficientvit_m0"]
+TIERS = {"A": TIER_A, "B": TIER_B, "C": TIER_C, "all": TIER_A + TIER_B}
 
 
 def _reason_kind(reason: str) -> str:
@@ -149,7 +153,8 @@ def run_model(name: str, kill_rate: float, seed: int, threshold: float, fresh_se
         rec.update(status="setup_error", error=C.short_error(exc, 600))
         return rec
     try:
-        rec["front_end"] = srfx.trace(model, x).front_end
+        traced = srfx.trace(model, x)
+        rec["front_end"], rec["kept_whole"] = traced.front_end, sorted(traced.untraceable)
     except srfx.SrfxError as exc:
         rec["front_end"] = None
         rec.update(status=type(exc).__name__, error=C.short_error(exc, 600))
@@ -223,7 +228,7 @@ def _error_cell(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     C.add_common_args(ap, models=None, threads=1, out="coverage.json", models_help="timm model names (default: the --tier lists)")
-    ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B or all (default all)")
+    ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B, C (partly untraceable) or all = A and B (default all)")
     ap.add_argument("--kill-rate", type=float, default=0.3, help="share of rows zeroed per Linear/Conv (default 0.3)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="model and input dtype (default float32); float64 makes the check strong where the output barely depends on the input")
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
         args.threshold = TOLERANCES[dtype][0]
     warnings.filterwarnings("ignore")
     models = args.models or TIERS[args.tier]
-    tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B}
+    tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B} | {m: "C" for m in TIER_C}
 
     def one(name: str) -> dict:
         t0 = time.perf_counter()
