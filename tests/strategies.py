@@ -38,12 +38,32 @@ __all__ = [
     "randomize", "apply_masks", "random_masks", "lifelines", "fresh_input",
 ]
 
+class WhereLeaky(nn.Module):
+    """A leaky ReLU written with a comparison and torch.where."""
+
+    threshold = 0.0
+
+    def forward(self, x):
+        return torch.where(x > 0, x, 0.1 * x)
+
+
+class StepGate(nn.Module):
+    """x where x >= 0.25, else 0: a comparison used as a mask."""
+
+    threshold = 0.25
+
+    def forward(self, x):
+        return x * (x >= 0.25)
+
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "identity": nn.Identity,
+    "where_leaky": WhereLeaky,
+    "step_gate": StepGate,
 }
 
 

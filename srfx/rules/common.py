@@ -64,9 +64,17 @@ def scalar_sources(scalar: fx.Node):
         stack += node.all_input_nodes
 
 
+_DESCRIPTIVE_ATTRIBUTES = frozenset({"dtype", "device", "layout", "ndim", "is_cuda", "is_cpu", "is_meta", "is_floating_point"})
+
+
 def _batch_or_data_dependent(scalar: fx.Node) -> bool:
     """Does a non-tensor value computed in the graph depend on the batch size (axis 0 of some
-    tensor) or on tensor data (``.item()``, ``.tolist()``)?"""
+    tensor) or on tensor data (``.item()``, ``.tolist()``)? A tensor's dtype, device, layout or
+    rank (``h.to(x.dtype)``) depends on neither."""
+    if scalar.op == "call_function" and scalar.target is getattr and scalar.args[1] in _DESCRIPTIVE_ATTRIBUTES:
+        return False
+    if scalar.op == "call_method" and scalar.target in ("dim", "ndimension") and len(scalar.args) == 1:
+        return False
     for _, query in scalar_sources(scalar):
         if query is None:
             return True  # tensor values, a scalar input, a whole shape: not the example's for sure

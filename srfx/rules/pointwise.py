@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from ..facts import Effects, Link, Ref, Role
 from ..registry import ChannelRule, lookup, register_instance
+from ..tracing import facts_of
 from .common import call_with, computed_scalars, mutates_input, per_channel_constant, probe, used_after
 from .movement import Movement
 
-__all__ = ["Pointwise", "pointwise_effects"]
+__all__ = ["Pointwise", "Comparison", "Where", "pointwise_effects"]
 
 def _parameter_behind(value, env):
     """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
@@ -68,9 +69,10 @@ def pointwise_effects(node, env, additive: bool) -> Effects:
     return Effects(outputs=tuple(outs.values()), links=tuple(links), roles=tuple(roles), fixed=tuple(fixed))
 
 
-def pointwise_constants(node, env, known) -> dict:
-    """Run the op on per-channel constant stand-ins; a channel is known iff every operand
-    that varies along it is known there and the result is constant over the other axes."""
+def pointwise_constants(node, env, known, op=None) -> dict:
+    """Run the op (or ``op`` on the node's positional arguments) on per-channel constant
+    stand-ins; a channel is known iff every operand that varies along it is known there and
+    the result is constant over the other axes."""
     effects = known.effects(node)
     out_refs = list(effects.outputs)
     if not out_refs or computed_scalars(node):
@@ -102,7 +104,8 @@ def pointwise_constants(node, env, known) -> dict:
             for out in out_refs:
                 masks[out][:] = False
     try:
-        result = call_with(node, env, lambda a: stand_ins.get(a, env.concrete(a)))
+        value = lambda a: stand_ins.get(a, env.concrete(a))  # noqa: E731
+        result = call_with(node, env, value) if op is None else op(*(value(a) if hasattr(a, "op") else a for a in node.args))
     except Exception:  # an op that refuses float64 stand-ins: nothing is known
         return {}
     if not isinstance(result, torch.Tensor):
@@ -130,6 +133,56 @@ class Pointwise(ChannelRule):
         return pointwise_constants(node, env, known)
 
 
+class Comparison(Pointwise):
+    """``a > b``, ``torch.eq`` and the like: a mask over the same channels, so channels pass as
+    through any elementwise op. A channel's result is claimed constant only where its operands
+    are known and further apart than rounding in the model's dtype could move them (sqrt(eps)
+    relative to their size, plus as much absolute): the stand-ins are float64, and near the
+    threshold the model's own arithmetic may decide otherwise."""
+
+    name = "comparison"
+
+    def constants(self, node, env, known):
+        def as64(x):
+            return torch.as_tensor(x, dtype=torch.float64)
+
+        compare = _COMPARE[_KIND[node.target]]
+        decided = pointwise_constants(node, env, known, op=lambda a, b: compare(as64(a), as64(b)).double())
+        gap = pointwise_constants(node, env, known, op=lambda a, b: as64(a) - as64(b))
+        scale = pointwise_constants(node, env, known, op=lambda a, b: as64(a).abs() + as64(b).abs())
+        dtypes = [d for a in env.tensor_args() if facts_of(a) is not None for d in facts_of(a).dtypes if d.is_floating_point]
+        rtol = math.sqrt(max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps))
+        consts = {}
+        for ref, vals in decided.items():
+            if ref not in gap or ref not in scale:
+                continue
+            vals = vals.copy()
+            # too close to call (NaN gaps too); the absolute part covers a constant that cancelled
+            # to near zero from much larger terms, whose float32 rounding the stand-in does not see
+            vals[~(np.abs(gap[ref]) > rtol * (scale[ref] + 1.0))] = math.nan
+            consts[ref] = vals
+        return consts
+
+
+
+class Where(Pointwise):
+    """``torch.where(cond, a, b)``: elementwise. Its constants run on stand-ins whose condition
+    is a bool again (a channel whose condition is unknown stays unknown)."""
+
+    name = "where"
+
+    def constants(self, node, env, known):
+        return pointwise_constants(node, env, known, op=lambda c, a, b: torch.where(torch.as_tensor(c) != 0, a, b))
+
+
+_COMPARE = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq, "ne": torch.ne}
+_KIND = {
+    operator.gt: "gt", operator.ge: "ge", operator.lt: "lt", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
+    torch.gt: "gt", torch.ge: "ge", torch.lt: "lt", torch.le: "le", torch.eq: "eq", torch.ne: "ne",
+    torch.greater: "gt", torch.greater_equal: "ge", torch.less: "lt", torch.less_equal: "le", torch.not_equal: "ne",
+    "gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne",
+}
+
 _UNARY_FUNCTIONS = [
     torch.relu, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp, torch.log, torch.sqrt,
     torch.rsqrt, torch.square, torch.sin, torch.cos, torch.erf, torch.reciprocal, torch.clamp, torch.clip,
@@ -146,7 +199,7 @@ _UNARY_METHODS = [
 ]
 _BINARY_FUNCTIONS = [
     operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.imul, operator.itruediv,
-    torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.where,
+    torch.mul, torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow,
     torch.lerp, torch.addcmul, torch.rsub,
 ]
 _BINARY_METHODS = ["mul", "mul_", "div", "div_", "maximum", "minimum", "rsub", "lerp", "addcmul"]
@@ -157,6 +210,8 @@ _MODULES = [
 ]
 
 register_instance(Pointwise(), *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_BINARY_FUNCTIONS, *_BINARY_METHODS, *_MODULES)
+register_instance(Comparison(), *_KIND)
+register_instance(Where(), torch.where, "where")
 register_instance(
     Pointwise(additive=True), operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
     "add", "add_", "sub", "sub_",
