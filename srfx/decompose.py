@@ -183,7 +183,8 @@ def mixed_calls(gm) -> frozenset:
 
 
 def unseen(gm, swapped: dict[str, nn.Module]) -> frozenset:
-    """Decomposed modules the trace never entered (they sit inside a module fx keeps whole):
-    keeping them whole restores the original module, without the wrapper's extra weights."""
+    """Decomposed modules the trace never entered (they sit inside a module fx keeps whole, or
+    were kept whole themselves): keeping them whole restores the original module, without the
+    wrapper's extra weights."""
     targets = [n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
-    return frozenset(name for name in swapped if not any(t == name or t.startswith(name + ".") for t in targets))
+    return frozenset(name for name in swapped if not any(t.startswith(name + ".") for t in targets))
