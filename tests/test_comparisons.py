@@ -66,3 +66,31 @@ def test_a_bfloat16_model_decides_only_with_a_wider_margin():
         y = torch.randn(5, 6, dtype=dtype)
         assert_close(model(y), small(y))
     assert widths == {torch.float32: 7, torch.bfloat16: 8}
+
+
+class Masks(nn.Module):
+    """Masks combined with &, ~ and logical_or, applied with masked_fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        inside = (h > 0) & ~(h > 2)
+        y = h.masked_fill(~inside, 0.0) + torch.logical_or(h < -1, inside).to(h.dtype)
+        return self.b(y)
+
+
+def test_masks_combined_and_applied_with_masked_fill_fold_their_dead_channels():
+    torch.manual_seed(0)
+    model = Masks().eval()
+    with torch.no_grad():
+        model.a.weight[:4] = 0
+        model.a.bias[:4] = torch.tensor([0.3, -0.7, 5.0, -3.0])  # inside; outside; above; below -1
+        model.b.weight[:, 9] = 0  # unread
+    small = srfx.compress(model, torch.randn(3, 6), verify=False)
+    assert small.a.out_features == 5
+    for _ in range(3):
+        y = torch.randn(5, 6) * 3
+        assert_close(model(y), small(y))

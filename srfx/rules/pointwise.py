@@ -20,7 +20,7 @@ from ..tracing import facts_of
 from .common import call_with, computed_scalars, mutates_input, per_channel_constant, probe, used_after
 from .movement import Movement
 
-__all__ = ["Pointwise", "Comparison", "Where", "pointwise_effects"]
+__all__ = ["Pointwise", "Comparison", "Where", "MaskedFill", "Logical", "pointwise_effects"]
 
 def _parameter_behind(value, env):
     """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
@@ -175,6 +175,44 @@ class Where(Pointwise):
         return pointwise_constants(node, env, known, op=lambda c, a, b: torch.where(torch.as_tensor(c) != 0, a, b))
 
 
+class MaskedFill(Pointwise):
+    """``x.masked_fill(mask, value)``: elementwise in ``x`` and ``mask``. Its constants run on
+    stand-ins whose mask is a bool again."""
+
+    name = "masked_fill"
+
+    def constants(self, node, env, known):
+        return pointwise_constants(node, env, known, op=lambda x, m, v: torch.as_tensor(x).masked_fill(torch.as_tensor(m) != 0, v))
+
+
+class Logical(Pointwise):
+    """Logical and bitwise ops on masks (``~m``, ``a & b``, ``torch.logical_or``): elementwise.
+    Constants are claimed on bool operands only (on integers ``~`` and ``&`` are bitwise)."""
+
+    name = "logical"
+
+    def constants(self, node, env, known):
+        dtypes = [d for a in env.tensor_args() if facts_of(a) is not None for d in facts_of(a).dtypes]
+        kind = _LOGICAL[node.target]
+        if kind not in ("logical_and", "logical_or", "logical_xor", "logical_not") and any(d != torch.bool for d in dtypes):
+            return {}
+
+        def truth(x):
+            return torch.as_tensor(x, dtype=torch.float64) != 0
+
+        if kind in ("not", "logical_not"):
+            return pointwise_constants(node, env, known, op=lambda a: (~truth(a)).double())
+        combine = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[kind.removeprefix("logical_")]
+        return pointwise_constants(node, env, known, op=lambda a, b: combine(truth(a), truth(b)).double())
+
+
+_LOGICAL = {
+    operator.invert: "not", operator.and_: "and", operator.or_: "or", operator.xor: "xor",
+    torch.logical_not: "logical_not", torch.logical_and: "logical_and", torch.logical_or: "logical_or", torch.logical_xor: "logical_xor",
+    "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or", "logical_xor": "logical_xor",
+    "bitwise_not": "not", "bitwise_and": "and", "bitwise_or": "or", "bitwise_xor": "xor",
+}
+
 _COMPARE = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq, "ne": torch.ne}
 _KIND = {
     operator.gt: "gt", operator.ge: "ge", operator.lt: "lt", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
@@ -212,6 +250,8 @@ _MODULES = [
 register_instance(Pointwise(), *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_BINARY_FUNCTIONS, *_BINARY_METHODS, *_MODULES)
 register_instance(Comparison(), *_KIND)
 register_instance(Where(), torch.where, "where")
+register_instance(MaskedFill(), torch.masked_fill, "masked_fill", "masked_fill_")
+register_instance(Logical(), *_LOGICAL)
 register_instance(
     Pointwise(additive=True), operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
     "add", "add_", "sub", "sub_",
