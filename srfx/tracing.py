@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import copy
 import threading
 import traceback
@@ -125,6 +126,49 @@ class _CachedDis:
 _TRACE_LOCK = threading.RLock()
 
 
+_EXAMPLES = threading.local()  # .inputs: the example inputs of the srfx trace in progress
+
+
+@contextlib.contextmanager
+def _example_inputs(inputs: tuple) -> Any:
+    outer = getattr(_EXAMPLES, "inputs", None)
+    _EXAMPLES.inputs = inputs
+    try:
+        yield
+    finally:
+        _EXAMPLES.inputs = outer
+
+
+class _NotADtypeCondition(Exception):
+    pass
+
+
+def _dtype_condition(node: Any, root: torch.nn.Module) -> Any:
+    """The value of ``node`` if it is a comparison of dtypes of model inputs (the example's)
+    and parameters or buffers, else raise :class:`_NotADtypeCondition`."""
+    if not isinstance(node, fx.Node):
+        if isinstance(node, torch.dtype):
+            return node
+        raise _NotADtypeCondition
+    if node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.is_, operator.is_not):
+        a, b = (_dtype_condition(arg, root) for arg in node.args)
+        return node.target(a, b)
+    if node.op == "call_function" and node.target is operator.not_:
+        return not _dtype_condition(node.args[0], root)
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "dtype" and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        if source.op == "placeholder":
+            inputs = getattr(_EXAMPLES, "inputs", None) or ()
+            index = [n for n in source.graph.nodes if n.op == "placeholder"].index(source)
+            if index < len(inputs):
+                return inputs[index].dtype
+        if source.op == "get_attr":
+            tensor = _tensor_at(root, source.target)
+            if tensor is not None:
+                return tensor.dtype
+    raise _NotADtypeCondition
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` with constant-time parameter lookups.
 
@@ -138,6 +182,15 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         # srfx's own modules (CompensatedLayerNorm) have channel rules: keep them whole
         return isinstance(m, _srfx_leaf_types()) or super().is_leaf_module(m, qualname)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """``if x.dtype != w.dtype:`` on a model input or parameter: decided by the example's
+        dtypes (the result takes inputs of the example's dtypes); any other condition on a
+        proxy stays a trace failure."""
+        try:
+            return bool(_dtype_condition(obj.node, self.root))
+        except _NotADtypeCondition:
+            return super().to_bool(obj)
 
     def trace(self, root, concrete_args=None):
         if isinstance(root, torch.nn.Module):
@@ -501,6 +554,11 @@ def trace(model: torch.nn.Module, example_input: Any) -> Traced:
         raise InputError(f"srfx works on torch.nn.Module instances, got {type(model).__name__}.")
     refuse_wrappers(model)
     inputs = normalize_inputs(example_input)
+    with _example_inputs(inputs):
+        return _trace_front_ends(model, inputs)
+
+
+def _trace_front_ends(model: torch.nn.Module, inputs: tuple) -> Traced:
     failures = []
     leaf_modules, leaf_functions = _timm_leaves()
     # plain fx, the submodules it cannot trace kept whole; if some were, or it failed, also with

@@ -1,9 +1,9 @@
 """HuggingFace transformers (optional extra ``hf``): random-init BERT and ViT, FFN units killed.
 
 transformers 5 dropped ``transformers.utils.fx`` and parts of its models do not trace with plain
-``torch.fx`` (position-id slicing by proxies, dtype checks in forward). ``srfx.compress`` keeps
-those module instances whole (BERT's embeddings and self-attention; all of ViTModel, whose own
-forward fails) and minimizes the rest. The ``torch.compile`` backend sees everything: dynamo
+``torch.fx`` (position-id slicing by proxies, shape checks in forward). ``srfx.compress`` keeps
+those module instances whole (the embeddings and the self-attention of BERT and ViT) and
+minimizes the rest; ViTModel's own dtype check is decided by the example's dtypes. The ``torch.compile`` backend sees everything: dynamo
 captures the graph, :class:`srfx.Backend` minimizes it. The FFN intermediate dimension must shrink (the LayerNorm
 streams and attention heads are not asserted on: they may or may not shrink yet).
 """
@@ -127,6 +127,20 @@ def test_compress_takes_bert_directly_keeping_what_fx_cannot_trace_whole():
     reasons = " ".join(g.fixed for g in srfx.analyze(wrapper, ids).groups if g.fixed)
     assert "comes out of model.embeddings, kept whole (torch.fx could not trace its forward" in reasons
     other = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        assert_close(wrapper(other), small(other))
+
+
+def test_compress_takes_vit_directly_deciding_its_dtype_check_by_the_example():
+    """ViTModel.forward compares the pixels' dtype with its weights' (``if pixel_values.dtype !=
+    expected_dtype``): that condition is decided by the example's dtypes, so the model traces
+    (it used to be kept whole: nothing shrank), and the FFN units of both layers go."""
+    model, pixels = _vit()
+    wrapper = _Vit(model).eval()
+    small = srfx.compress(wrapper, pixels)
+    ups = [m.out_features for n, m in small.named_modules() if n.endswith("mlp.fc1") or n.endswith("intermediate.dense")]
+    assert len(ups) == 2 and all(0 < u < FFN for u in ups), ups
+    other = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert_close(wrapper(other), small(other))
 

@@ -836,3 +836,42 @@ def test_many_untraceable_modules_of_one_class_are_kept_whole_in_a_few_traces(mo
     small = srfx.compress(model, x)
     assert small.widen.out_channels == 5
     assert_close(model(x), small(x))
+
+
+class DtypeCheck(nn.Module):
+    """Casts its input to the weights' dtype only when they differ (as HF models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.dtype != self.a.weight.dtype:
+            x = x.to(self.a.weight.dtype)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_condition_on_dtypes_is_decided_by_the_example():
+    """It made the model untraceable (TraceError). Now the example's dtypes decide it and the
+    model compresses; the other conditions on proxies still fail the trace."""
+    torch.manual_seed(0)
+    model = DtypeCheck().eval()
+    with torch.no_grad():
+        model.b.weight[:, :3] = 0
+    x = torch.randn(3, 4)
+    small = srfx.compress(model, x)
+    assert small.a.out_features == 5
+    assert_close(model(x), small(x))
+    with pytest.raises(srfx.TraceError):
+        srfx.compress(GatedRoot().eval(), torch.randn(2, 4))
+
+
+class GatedRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return x
