@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import operator
 import copy
 import threading
@@ -535,7 +536,8 @@ def _own_parametrized_class(module: torch.nn.Module) -> None:
 
 def _where_it_failed(exc: BaseException) -> str:
     """The innermost user-code frame of a tracing failure, for the error message."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    here = os.path.dirname(os.path.abspath(__file__))  # srfx's own frames (its tracer, decomposed modules) are not the user's
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and not f.filename.startswith(here)]
     if not frames:
         return ""
     f = frames[-1]
