@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     dataset = runs[0]["dataset"]
     tolerance, goal = GOALS.get(dataset, (1.0, None))
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [plt.cm.tab20(i % 20) for i in range(len(runs))]
     for i, r in enumerate(runs):
-        color = f"C{i}"
+        color = palette[i]  # tab20 past ten runs: the default cycle repeats its colours
         if r.get("curve"):
             pts = sorted((c["ratio"], c["test_accuracy"]) for c in r["curve"])
             ax.plot([a for a, _ in pts], [100 * b for _, b in pts], "-", color=color, alpha=0.5)

@@ -34,6 +34,7 @@ PUBLISHED = [
     "squeeze_release_cifar_convnext_atto_v9_distill_lr_ft16",
     "squeeze_release_cifar_convnext_atto_v10_dense83",
     "squeeze_release_cifar_convnext_atto_v10_dense83_seed1",
+    "squeeze_release_cifar_convnext_atto_v10_dense83_oneshot",
 ]
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
