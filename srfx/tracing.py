@@ -11,11 +11,11 @@ for real.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
-import os
 import operator
-import copy
+import os
 import threading
 import traceback
 import types
@@ -575,7 +575,8 @@ def _trace_front_ends(model: torch.nn.Module, inputs: tuple) -> Traced:
         except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
             failures.append(f"{front_end}: {type(exc).__name__}: {exc}{_where_it_failed(exc)}")
             continue
-        hidden = sum(p.numel() for name in untraceable for p in gm.get_submodule(name).parameters())
+        called = dict(gm.named_modules())  # a class-mate kept whole may never be called, and is not in gm
+        hidden = sum(p.numel() for name in untraceable if name in called for p in called[name].parameters())
         make = functools.partial(_UntraceableLeafTracer, dict(untraceable), autowrap)
         found.append((hidden, len(found), front_end + ("+untraceable-leaves" if untraceable else ""), gm, decomposed, untraceable, make))
         if not untraceable:

@@ -875,3 +875,23 @@ class GatedRoot(nn.Module):
         if x.sum() > 0:
             return self.a(x)
         return x
+
+
+class SpareGate(nn.Module):
+    """Two called gates make ShapeGate a failing class; a third, never called, is kept whole too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.spare = ShapeGate(), ShapeGate(), ShapeGate()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(self.b(self.a(x)))
+
+
+def test_a_module_of_a_failing_class_that_is_never_called_does_not_break_the_trace():
+    model = SpareGate().eval()
+    traced = srfx.trace(model, torch.randn(2, 6))
+    assert {"a", "b", "spare"} <= set(traced.untraceable)
+    x = torch.randn(2, 6)
+    assert_close(model(x), srfx.compress(model, x)(x))
