@@ -68,12 +68,8 @@ def test_a_bfloat16_model_decides_only_with_a_wider_margin():
     assert widths == {torch.float32: 7, torch.bfloat16: 8}
 
 
-class Masks(nn.Module):
-    """Masks combined with &, ~ and logical_or, applied with masked_fill."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 4)
+class Masks(HandWritten):
+    """Masks combined with &, ~ and logical_or, applied with masked_fill (HandWritten's layers)."""
 
     def forward(self, x):
         h = self.a(x)
