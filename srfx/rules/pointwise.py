@@ -146,23 +146,21 @@ class Comparison(Pointwise):
         def as64(x):
             return torch.as_tensor(x, dtype=torch.float64)
 
-        compare = _COMPARE[_KIND[node.target]]
-        decided = pointwise_constants(node, env, known, op=lambda a, b: compare(as64(a), as64(b)).double())
         gap = pointwise_constants(node, env, known, op=lambda a, b: as64(a) - as64(b))
         scale = pointwise_constants(node, env, known, op=lambda a, b: as64(a).abs() + as64(b).abs())
         dtypes = [d for a in env.tensor_args() if facts_of(a) is not None for d in facts_of(a).dtypes if d.is_floating_point]
         rtol = math.sqrt(max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps))
+        compare = _COMPARISONS[node.target]
         consts = {}
-        for ref, vals in decided.items():
-            if ref not in gap or ref not in scale:
+        for ref, g in gap.items():
+            if ref not in scale:
                 continue
-            vals = vals.copy()
+            vals = compare(torch.from_numpy(g), 0).double().numpy()  # a op b  <=>  a - b op 0
             # too close to call (NaN gaps too); the absolute part covers a constant that cancelled
             # to near zero from much larger terms, whose float32 rounding the stand-in does not see
-            vals[~(np.abs(gap[ref]) > rtol * (scale[ref] + 1.0))] = math.nan
+            vals[~(np.abs(g) > rtol * (scale[ref] + 1.0))] = math.nan
             consts[ref] = vals
         return consts
-
 
 
 class Where(Pointwise):
@@ -187,38 +185,34 @@ class MaskedFill(Pointwise):
 
 class Logical(Pointwise):
     """Logical and bitwise ops on masks (``~m``, ``a & b``, ``torch.logical_or``): elementwise.
-    Constants are claimed on bool operands only (on integers ``~`` and ``&`` are bitwise)."""
+    Constants are claimed for the bitwise forms on bool operands only (on integers ``~`` and
+    ``&`` are bitwise)."""
 
     name = "logical"
 
     def constants(self, node, env, known):
-        dtypes = [d for a in env.tensor_args() if facts_of(a) is not None for d in facts_of(a).dtypes]
-        kind = _LOGICAL[node.target]
-        if kind not in ("logical_and", "logical_or", "logical_xor", "logical_not") and any(d != torch.bool for d in dtypes):
+        logical, bitwise = _LOGICAL[node.target]
+        if bitwise and any(d != torch.bool for a in env.tensor_args() if facts_of(a) is not None for d in facts_of(a).dtypes):
             return {}
-
-        def truth(x):
-            return torch.as_tensor(x, dtype=torch.float64) != 0
-
-        if kind in ("not", "logical_not"):
-            return pointwise_constants(node, env, known, op=lambda a: (~truth(a)).double())
-        combine = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[kind.removeprefix("logical_")]
-        return pointwise_constants(node, env, known, op=lambda a, b: combine(truth(a), truth(b)).double())
+        return pointwise_constants(node, env, known, op=lambda *xs: logical(*(torch.as_tensor(x, dtype=torch.float64) != 0 for x in xs)).double())
 
 
+# target -> (the logical function it computes on truth values, whether it is bitwise on integers)
 _LOGICAL = {
-    operator.invert: "not", operator.and_: "and", operator.or_: "or", operator.xor: "xor",
-    torch.logical_not: "logical_not", torch.logical_and: "logical_and", torch.logical_or: "logical_or", torch.logical_xor: "logical_xor",
-    "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or", "logical_xor": "logical_xor",
-    "bitwise_not": "not", "bitwise_and": "and", "bitwise_or": "or", "bitwise_xor": "xor",
+    operator.invert: (torch.logical_not, True), operator.and_: (torch.logical_and, True),
+    operator.or_: (torch.logical_or, True), operator.xor: (torch.logical_xor, True),
+    "bitwise_not": (torch.logical_not, True), "bitwise_and": (torch.logical_and, True),
+    "bitwise_or": (torch.logical_or, True), "bitwise_xor": (torch.logical_xor, True),
+    **{f: (f, False) for f in (torch.logical_not, torch.logical_and, torch.logical_or, torch.logical_xor)},
+    **{name: (getattr(torch, name), False) for name in ("logical_not", "logical_and", "logical_or", "logical_xor")},
 }
 
-_COMPARE = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq, "ne": torch.ne}
-_KIND = {
-    operator.gt: "gt", operator.ge: "ge", operator.lt: "lt", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
-    torch.gt: "gt", torch.ge: "ge", torch.lt: "lt", torch.le: "le", torch.eq: "eq", torch.ne: "ne",
-    torch.greater: "gt", torch.greater_equal: "ge", torch.less: "lt", torch.less_equal: "le", torch.not_equal: "ne",
-    "gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne",
+# target -> the comparison it computes
+_COMPARISONS = {
+    operator.gt: torch.gt, operator.ge: torch.ge, operator.lt: torch.lt, operator.le: torch.le, operator.eq: torch.eq, operator.ne: torch.ne,
+    torch.greater: torch.gt, torch.greater_equal: torch.ge, torch.less: torch.lt, torch.less_equal: torch.le, torch.not_equal: torch.ne,
+    **{f: f for f in (torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne)},
+    **{name: getattr(torch, name) for name in ("gt", "ge", "lt", "le", "eq", "ne")},
 }
 
 _UNARY_FUNCTIONS = [
@@ -248,7 +242,7 @@ _MODULES = [
 ]
 
 register_instance(Pointwise(), *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_BINARY_FUNCTIONS, *_BINARY_METHODS, *_MODULES)
-register_instance(Comparison(), *_KIND)
+register_instance(Comparison(), *_COMPARISONS)
 register_instance(Where(), torch.where, "where")
 register_instance(MaskedFill(), torch.masked_fill, "masked_fill", "masked_fill_")
 register_instance(Logical(), *_LOGICAL)
