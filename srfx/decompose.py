@@ -90,9 +90,9 @@ class Unexpressible(Exception):
 
 
 class DecomposedTransformerEncoderLayer(nn.Module):
-    """The eval-mode function of an ``nn.TransformerEncoderLayer`` for calls without masks:
-    its reference path (the fast path computes the same up to rounding), over the layer's own
-    submodules."""
+    """The eval-mode function of an ``nn.TransformerEncoderLayer`` for calls without masks or
+    with a causal mask and ``is_causal=True``: its reference path (the fast path computes the
+    same up to rounding), over the layer's own submodules."""
 
     def __init__(self, layer: nn.TransformerEncoderLayer):
         super().__init__()
@@ -119,8 +119,9 @@ class DecomposedTransformerEncoderLayer(nn.Module):
 
 
 class DecomposedTransformerEncoder(nn.Module):
-    """The eval-mode function of an ``nn.TransformerEncoder`` for calls without masks: its
-    layers in turn (called as it calls them), then its norm. With a key padding mask the
+    """The eval-mode function of an ``nn.TransformerEncoder`` for calls without masks or with
+    a causal mask and ``is_causal=True``: its layers in turn (called as it calls them), then
+    its norm. With a key padding mask the
     original may run on nested tensors and zero the padded positions: such calls are not
     expressed."""
 

@@ -13,6 +13,8 @@ equation names no sizes, so minimize leaves the call as it is.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from ..facts import Effects, Link
@@ -52,14 +54,11 @@ def _parse(equation: str, shapes: list):
     if any(len(set(t)) != len(t) for t in tokens):
         return "a letter repeated in one operand (a diagonal)"
     if arrow:
-        out = _letters(rhs, len(rhs.replace("...", "")) + width if "..." in rhs else len(rhs), width)
+        out = _letters(rhs, len(rhs.replace("...", "")) + (width if "..." in rhs else 0), width)
         if out is None or len(set(out)) != len(out):
             return "an equation it cannot read"
     else:  # implicit output: broadcast axes, then the letters used once, in alphabetical order
-        counts: dict = {}
-        for t in tokens:
-            for tok in t:
-                counts[tok] = counts.get(tok, 0) + 1
+        counts = collections.Counter(tok for t in tokens for tok in t)
         out = [("...", i) for i in range(width)] + sorted(tok for tok, n in counts.items() if n == 1 and isinstance(tok, str))
     sizes: dict = {}
     for t, shape in zip(tokens, shapes):
