@@ -44,7 +44,7 @@ class WhereLeaky(nn.Module):
     threshold = 0.0
 
     def forward(self, x):
-        return torch.where(x > 0, x, 0.1 * x)
+        return torch.where(x > self.threshold, x, 0.1 * x)
 
 
 class StepGate(nn.Module):
@@ -53,7 +53,7 @@ class StepGate(nn.Module):
     threshold = 0.25
 
     def forward(self, x):
-        return x * (x >= 0.25)
+        return x * (x >= self.threshold)
 
 
 ACTIVATIONS = {
