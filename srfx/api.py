@@ -17,7 +17,7 @@ from .coupling import Coupling, coupling_groups
 from .errors import InputError, RewriteError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
-from .tracing import Traced, _FactRecorder, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
+from .tracing import Traced, _FactRecorder, dtype_guards, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
 from .verify import verify as _verify
 
 __all__ = ["analyze", "plan", "compress", "REPORT_KEY"]
@@ -230,6 +230,7 @@ def _compress(model: nn.Module, example_input: Any, *, sparsity: Optional[float]
         compensated_norms=len(removal.compensations),
         kept=_kept_indices(traced.graph_module, result, removal),  # before BN folding: the model's own names
         rebuilt=rebuilt,
+        assumptions=dtype_guards(result.graph),
     )
     for note in notes:
         warnings.warn(note, stacklevel=3)

@@ -87,6 +87,9 @@ class Report:
     # name (readers a compensated norm rebuilt, convs BatchNorm was folded into): their
     # optimizer state describes other numbers, so it starts fresh
     rebuilt: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    # what the result assumes of its inputs beyond the example's shapes (a branch on dtypes the
+    # example decided); the result checks each on every call and refuses inputs that break it
+    assumptions: tuple[str, ...] = ()
 
     @property
     def heads_removed(self) -> int:
@@ -113,4 +116,6 @@ class Report:
             text += f"; verified, max relative error {self.max_rel_error:.2e}"
         for w in self.warnings:
             text += f"\nwarning: {w}"
+        for a in self.assumptions:
+            text += f"\nchecked on every call: {a}"
         return text

@@ -170,6 +170,37 @@ def _dtype_condition(node: Any, root: torch.nn.Module) -> Any:
     raise _NotADtypeCondition
 
 
+DTYPE_GUARD = "srfx decided by the example's dtypes that "
+
+
+def dtype_guard_message(condition: fx.Node, value: bool) -> str:
+    return (f"{DTYPE_GUARD}`{_condition_text(condition)}` is {value}; this call's inputs make it {not value}. "
+            "Compress again with an example of the dtypes you run the model with.")
+
+
+def dtype_guards(graph: fx.Graph) -> tuple[str, ...]:
+    """The messages of the dtype guards in ``graph``: what the model assumes of its inputs."""
+    return tuple(n.args[1] for n in graph.nodes
+                 if n.op == "call_function" and n.target is torch._assert and str(n.args[1]).startswith(DTYPE_GUARD))
+
+
+_OPERATOR_TEXT = {operator.eq: "==", operator.ne: "!=", operator.is_: "is", operator.is_not: "is not"}
+
+
+def _condition_text(node: Any) -> str:
+    """``x.dtype != a.weight.dtype``: a dtype condition as the model's code wrote it."""
+    if not isinstance(node, fx.Node):
+        return str(node)
+    if node.target in _OPERATOR_TEXT:
+        a, b = node.args
+        return f"{_condition_text(a)} {_OPERATOR_TEXT[node.target]} {_condition_text(b)}"
+    if node.target is operator.not_:
+        return f"not ({_condition_text(node.args[0])})"
+    if node.target is getattr:
+        return f"{_condition_text(node.args[0])}.{node.args[1]}"
+    return str(node.target) if node.op == "get_attr" else node.name
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` with constant-time parameter lookups.
 
@@ -186,12 +217,16 @@ class _Tracer(fx.Tracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """``if x.dtype != w.dtype:`` on a model input or parameter: decided by the example's
-        dtypes (the result takes inputs of the example's dtypes); any other condition on a
-        proxy stays a trace failure."""
+        dtypes, and a guard in the graph checks the decision on every call (inputs that would
+        take the other branch are refused, not run down the example's); any other condition
+        on a proxy stays a trace failure."""
         try:
-            return bool(_dtype_condition(obj.node, self.root))
+            value = bool(_dtype_condition(obj.node, self.root))
         except _NotADtypeCondition:
             return super().to_bool(obj)
+        held = self.create_node("call_function", operator.eq, (obj.node, value), {})
+        self.create_node("call_function", torch._assert, (held, dtype_guard_message(obj.node, value)), {})
+        return value
 
     def trace(self, root, concrete_args=None):
         if isinstance(root, torch.nn.Module):

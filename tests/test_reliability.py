@@ -1,5 +1,7 @@
 """Issue 7: bad input gets a typed error that says what to do; unknown structure stays exact;
 nothing of the user's is touched; dtypes and memory formats."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -864,6 +866,45 @@ def test_a_condition_on_dtypes_is_decided_by_the_example():
     assert_close(model(x), small(x))
     with pytest.raises(srfx.TraceError):
         srfx.compress(GatedRoot().eval(), torch.randn(2, 4))
+
+
+class HalfReturnsFloat(nn.Module):
+    """Returns float32 logits even when its weights are half (a condition on a parameter's dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        if self.b.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.float()
+        return h
+
+
+def test_a_dtype_decision_is_checked_when_the_compressed_model_runs():
+    """The example's dtypes decided the branch. After ``.half()`` the model would take the
+    other one (float32 logits); the compressed model used to return half logits without a
+    word, and now refuses with the reason and the remedy."""
+    torch.manual_seed(0)
+    model = HalfReturnsFloat().eval()
+    with torch.no_grad():
+        model.b.weight[:, :3] = 0
+    x = torch.randn(3, 4)
+    small = srfx.compress(model, x)
+    assert small.a.out_features == 5
+    assert_close(model(x), small(x))
+    assert model.half()(x.half()).dtype == torch.float32
+    with pytest.raises(AssertionError, match="Compress again with an example of the dtypes"):
+        copy.deepcopy(small).half()(x.half())
+    assumptions = small.meta[srfx.REPORT_KEY].assumptions
+    assert len(assumptions) == 2 and "`b.weight.dtype == torch.float16` is False" in assumptions[0]
+    again = srfx.compress(small, x)  # the guards survive a second compress, once each
+    assert again.meta[srfx.REPORT_KEY].assumptions == assumptions
+    with pytest.raises(AssertionError):
+        again.half()(x.half())
+    exported = torch.export.export(small, (x,)).module()  # consumers take the guards
+    assert_close(small(x), exported(x))
 
 
 class GatedRoot(nn.Module):
