@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
+from srfx.env import is_inplace
 from srfx.passes import _attrs
 
 __all__ = ["fold_batchnorm"]
@@ -109,7 +110,9 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
             out.graph.erase_node(attr)
             if not any(n.op == "get_attr" and n.target == target for n in out.graph.nodes):
                 _drop_attr(out, target)
-    out.graph.eliminate_dead_code()
+    # nodes nobody reads that write in place (``h.relu_()``, ``h += t`` as statements) still act
+    modules = dict(out.named_modules())
+    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or is_inplace(n, modules))
     out.delete_all_unused_submodules()
     out.graph.lint()
     out.recompile()

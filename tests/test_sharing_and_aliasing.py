@@ -97,6 +97,29 @@ def test_an_in_place_write_through_a_view_keeps_the_channels_it_changes():
     _exact_without_verify(m, torch.randn(2, 8), torch.randn(4, 8))
 
 
+def test_an_in_place_statement_nothing_reads_survives_batchnorm_folding():
+    """``h.relu_()`` and ``h += t`` as statements: graph nodes nobody reads, which fx's dead
+    code elimination (run after folding BatchNorm) deleted, changing the result."""
+
+    class Statements(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn, self.c2 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)
+            self.side = nn.Conv2d(3, 6, 3)
+
+        def forward(self, x):
+            h = self.bn(self.c1(x))
+            h += self.side(x)
+            h.relu_()
+            return self.c2(h)
+
+    torch.manual_seed(0)
+    m = Statements().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+    _exact_without_verify(m, torch.randn(2, 3, 8, 8), torch.randn(1, 3, 6, 6))
+
+
 def test_tensor_attributes_are_barriers_not_shape_queries():
     class Attribute(nn.Module):
         def __init__(self, attr):
