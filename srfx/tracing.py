@@ -201,6 +201,26 @@ def _condition_text(node: Any) -> str:
     return str(node.target) if node.op == "get_attr" else node.name
 
 
+class _InPlaceProxy(fx.Proxy):
+    """An fx proxy on which ``h += t`` records ``operator.iadd``, as Python runs it on tensors
+    (in place: every other name bound to h sees the sum). fx's own proxies have no in-place
+    operators, so Python fell back to ``h = h + t`` and the graph lost the write."""
+
+
+def _augmented(name: str):
+    target = getattr(operator, name)
+
+    def impl(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    impl.__name__ = f"__{name}__"
+    return impl
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor", "ilshift", "irshift"):
+    setattr(_InPlaceProxy, f"__{_name}__", _augmented(_name))
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` with constant-time parameter lookups.
 
@@ -214,6 +234,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         # srfx's own modules (CompensatedLayerNorm) have channel rules: keep them whole
         return isinstance(m, _srfx_leaf_types()) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """``if x.dtype != w.dtype:`` on a model input or parameter: decided by the example's

@@ -97,6 +97,54 @@ def test_an_in_place_write_through_a_view_keeps_the_channels_it_changes():
     _exact_without_verify(m, torch.randn(2, 8), torch.randn(4, 8))
 
 
+def test_augmented_assignment_writes_in_place_like_the_model_does():
+    """``h += ...`` changes h in place, so a name still bound to h (the skip here) sees the
+    sum. fx's proxies have no ``__iadd__`` and recorded an out-of-place add: the traced graph
+    itself computed something else (a VerificationError blamed on srfx). A size taken with
+    ``n += ...`` stays a plain number."""
+
+    class AliasedSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            skip = h
+            h += self.b(torch.relu(h))
+            n = h.shape[-1]
+            n -= 0
+            return self.c(skip.reshape(-1, n))
+
+    torch.manual_seed(0)
+    m = AliasedSkip().eval()
+    with torch.no_grad():
+        m.a.weight[:3], m.a.bias[:3] = 0, 0  # dead in a, alive again after the in-place add
+    small = _exact_without_verify(m, torch.randn(3, 4), torch.randn(5, 4))
+    assert small.c.in_features == 6
+    code = small.code
+    assert "iadd" in code or "+=" in code
+
+
+def test_augmented_assignment_that_nothing_reads_before_still_shrinks():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h += self.b(h)
+            return self.c(torch.relu(h))
+
+    torch.manual_seed(0)
+    m = Residual().eval()
+    with torch.no_grad():
+        m.a.weight[:3], m.a.bias[:3], m.b.weight[:3], m.b.bias[:3] = 0, 0, 0, 0
+    small = _exact_without_verify(m, torch.randn(3, 4), torch.randn(5, 4))
+    assert small.c.in_features == 3
+
+
 def test_an_in_place_statement_nothing_reads_survives_batchnorm_folding():
     """``h.relu_()`` and ``h += t`` as statements: graph nodes nobody reads, which fx's dead
     code elimination (run after folding BatchNorm) deleted, changing the result."""
