@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .coupling import Coupling, coupling_groups
-from .errors import InputError, RewriteError
+from .errors import InputError, RewriteError, SrfxError, TraceError, VerificationError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
 from .tracing import Traced, _FactRecorder, dtype_guards, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
@@ -57,6 +57,24 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
             f"{type(model).__name__} returns a {bad[0]} among its outputs: srfx needs tensors or nested "
             "tuples/lists/dicts of tensors; wrap the model so forward returns only tensors."
         )
+
+
+def _blame_an_unfaithful_trace(reference: nn.Module, inputs: tuple, random_inputs: int, failure: VerificationError) -> None:
+    """A rewrite failed verification: if a fresh trace, rewritten in no way, differs from the
+    model too, the graph fx recorded was wrong to begin with; say so (TraceError) rather than
+    blame the rewrite."""
+    try:
+        _verify(reference, trace(reference, inputs).graph_module, inputs, random_inputs=random_inputs)
+    except VerificationError:
+        raise TraceError(
+            f"torch.fx's trace of {type(reference).__name__} computes something else than the model before srfx changed "
+            f"anything (max relative error {failure.max_rel_error:.3e}). Its forward does something fx does not record: "
+            "Python state it changes or reads (counters, caches, Python random numbers, values taken with .item()), "
+            "or a write into a tensor that fx traced as a new one. Make forward a function of its inputs and weights "
+            "(keep counters and caches outside it)."
+        ) from failure
+    except SrfxError:
+        pass  # the fresh trace failed some other way: the original failure stands
 
 
 def _rebuilt(traced: fx.GraphModule, folded: fx.GraphModule, removal: Plan) -> tuple[str, ...]:
@@ -215,7 +233,11 @@ def _compress(model: nn.Module, example_input: Any, *, sparsity: Optional[float]
             "This is a bug in srfx: please report it with the model; srfx.plan(model, x) shows what it tried to remove."
         ) from exc
     with preserved_buffers(reference, result):
-        err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
+        try:
+            err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
+        except VerificationError as exc:
+            _blame_an_unfaithful_trace(reference, traced.example_inputs, random_inputs, exc)
+            raise
     result.meta[REPORT_KEY] = Report(
         params_before=count_parameters(reference),
         params_after=count_parameters(result),

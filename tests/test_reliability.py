@@ -112,6 +112,39 @@ def test_verification_error_carries_the_measurement(monkeypatch):
     assert err.value.max_abs_error == pytest.approx(1.0, rel=1e-5)
 
 
+class Counter(nn.Module):
+    """forward changes Python state fx bakes in as a constant: the trace itself is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.calls = nn.Linear(4, 2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.a(x) * self.calls
+
+
+def test_a_trace_that_differs_from_the_model_is_a_trace_error_not_an_srfx_bug():
+    """When the graph fx recorded already computes something else, before any rewrite, the
+    error says so (a TraceError naming the likely causes), instead of a VerificationError
+    calling it a bug in srfx."""
+    with pytest.raises(srfx.TraceError, match="before srfx changed anything") as err:
+        srfx.compress(Counter().eval(), torch.randn(3, 4))
+    assert isinstance(err.value.__cause__, srfx.VerificationError)
+
+
+def test_a_reference_that_answers_differently_each_call_gets_no_second_opinion():
+    """The float64 second opinion measured the reference's own rounding as its distance from
+    a float64 run; a forward whose result changes from call to call (a counter here) looked
+    like a model with huge rounding, and a candidate 75% off passed verification."""
+    from srfx import verify as verify_module
+
+    frozen = copy.deepcopy(Counter())
+    frozen.forward = lambda x: frozen.a(x) * 1
+    with pytest.raises(srfx.VerificationError):
+        verify_module.verify(Counter(), frozen, (torch.randn(3, 4),))
+
+
 def test_the_candidates_own_float32_rounding_is_judged_in_float64():
     """A rewrite may round worse than the original in float32 (another order of sums, a bias
     that absorbed a large constant) while computing the same function; when its error is more
