@@ -178,7 +178,7 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
             if not any(s is not None for s in new):
                 continue
             if node.op == "call_module":
-                raise RewriteError(f"{node.target}: cannot resize a {type(modules[node.target]).__name__} module yet")
+                _as_unflatten_call(gm, node, modules[node.target])
             if node.target in ("unflatten", torch.unflatten):
                 x, dim, sizes = node.args[0], node.args[1], list(node.args[2])
                 dim = dim % len(facts_of(x).shape)
@@ -194,6 +194,20 @@ def _rewrite_shape_args(gm: fx.GraphModule, plan: Plan) -> None:
             node.args = (x, tuple(shape)) if packed else (x, *shape)
         elif rule.kind == SPLIT:
             _rewrite_split(node, plan)
+
+
+def _as_unflatten_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
+    """An nn.Unflatten call becomes ``torch.unflatten(x, dim, sizes)`` (sizes this call site
+    can change without touching a module other calls may share); the module goes once no
+    call is left, so printing the result does not show its old sizes."""
+    sizes = getattr(module, "unflattened_size", None)
+    if not isinstance(module, nn.Unflatten) or not all(isinstance(s, int) for s in sizes):
+        raise RewriteError(f"{node.target}: cannot resize a {type(module).__name__} module yet")
+    target = node.target
+    node.op, node.target = "call_function", torch.unflatten
+    node.args, node.kwargs = (node.args[0], module.dim, tuple(sizes)), {}
+    if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+        gm.delete_submodule(target)
 
 
 def _pin_attention_scale(gm: fx.GraphModule, plan: Plan) -> None:

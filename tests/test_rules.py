@@ -146,6 +146,20 @@ def test_flatten_maps_a_channel_to_its_features():
     assert small.conv.out_channels == 3 and small.fc.in_features == 27
 
 
+def test_an_unflatten_module_between_flattens_shrinks_with_the_channels_it_carries():
+    """nn.Unflatten splits the flat features back into channels: the rewrite resized the
+    functional form only and raised RewriteError on the module."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (8, 16)), nn.Flatten(), nn.Linear(128, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[:4], m[0].bias[:4] = 0, -1.0  # relu(-1) = 0: channels 0-3 are zero, unread
+    x = torch.randn(2, 3, 4, 4)
+    small = srfx.compress(m, x)
+    assert small.get_submodule("0").out_channels == 4 and small.get_submodule("5").in_features == 64
+    assert not any(isinstance(mod, nn.Unflatten) for mod in small.modules())  # no stale (8, 16) left to print
+    assert_close(m(x), small(x))
+
+
 def test_cat_offsets_and_split_sizes_follow_removed_channels():
     def fwd(s, x):
         y = torch.cat([s.a(x), s.b(x)], dim=1)
