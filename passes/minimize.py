@@ -111,6 +111,8 @@ def _resize_module(module: nn.Module) -> None:
         module.num_groups = module.num_channels // per_group
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
 
 
 def _new_size(plan: Plan, key: ValueKey, shape, axes_filter=None) -> list:

@@ -64,6 +64,7 @@ ACTIVATIONS = {
     "identity": nn.Identity,
     "where_leaky": WhereLeaky,
     "step_gate": StepGate,
+    "prelu": nn.PReLU,  # one shared slope (test_rules covers one slope per channel)
 }
 
 

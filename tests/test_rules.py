@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import srfx
+from hypothesis import given, settings, strategies as st
 from srfx.facts import ValueKey
 from srfx.registry import lookup
 from helpers import assert_close
@@ -158,6 +159,45 @@ def test_an_unflatten_module_between_flattens_shrinks_with_the_channels_it_carri
     assert small.get_submodule("0").out_channels == 4 and small.get_submodule("5").in_features == 64
     assert not any(isinstance(mod, nn.Unflatten) for mod in small.modules())  # no stale (8, 16) left to print
     assert_close(m(x), small(x))
+
+
+class ChannelPReLU(nn.Module):
+    """A conv stream with one PReLU slope per channel, as a module and as F.prelu on a parameter."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3)
+        self.act = nn.PReLU(8)
+        self.slope = nn.Parameter(torch.linspace(-0.5, 0.5, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.prelu(self.a(x), self.act.weight) if self.functional else self.act(self.a(x))
+        h = F.prelu(self.b(h), self.slope)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@given(seed=st.integers(0, 10_000))
+@settings(max_examples=10, deadline=None)
+def test_prelu_slopes_go_with_their_channels_and_fold_what_dead_channels_emit(functional, seed):
+    """Dead channels with a negative or positive bias emit a constant PReLU bends by their own
+    slope; that constant folds into the next bias and the channel leaves with its slope."""
+    torch.manual_seed(seed)
+    m = ChannelPReLU(functional).eval()
+    with torch.no_grad():
+        m.act.weight.uniform_(-1, 1)
+        m.a.weight[[1, 4, 6]] = 0
+        m.a.bias[[1, 4, 6]] = torch.tensor([-0.7, 0.3, -0.2])
+        m.b.weight[[0, 3]] = 0
+        m.b.bias[[0, 3]] = torch.tensor([-1.0, 2.0])
+    x = torch.randn(2, 3, 6, 6)
+    small = srfx.compress(m, x)
+    assert small.a.out_channels == 5 and small.b.in_channels == 5 and small.b.out_channels == 2
+    assert small.act.weight.numel() == 5 and small.slope.numel() == 2
+    assert_close(m(x), small(x))
+    assert_close(m(2 * x + 1), small(2 * x + 1))
 
 
 def test_cat_offsets_and_split_sizes_follow_removed_channels():

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..env import NodeEnv, is_inplace
+from ..facts import Effects, Link, Role
 from ..tracing import facts_of
 
 __all__ = ["call_with", "mutates_input", "used_after", "probe", "per_channel_constant"]
@@ -190,3 +191,24 @@ def per_channel_constant(out: torch.Tensor, axes: tuple[int, ...]) -> np.ndarray
     first = flat[:, 0].clone()
     first[(flat != flat[:, :1]).any(dim=1)] = float("nan")
     return first.numpy()
+
+
+def channel_effects(node, env, ch_axis, params, role_owner):
+    """Effects of a per-channel op on axis ``ch_axis`` (a norm, a per-channel slope): every
+    dim of the input passes, and the per-channel tensors ``params`` go with the channel.
+    Returns (input channel ref, output channel ref, effects)."""
+    x = env.tensor_args()[0]
+    links, outs = [], []
+    for r in env.dims(x):
+        out = env.out(r.axes)
+        outs.append(out)
+        links.append(Link(r, out))
+    x_ch = env.dim_at(x, (ch_axis,))
+    out = env.out((ch_axis,))
+    if out not in outs:
+        outs.append(out)
+        links.append(Link(x_ch, out))
+    for p in params:
+        links.append(Link(out, p))
+    roles = (Role("op", out, role_owner, node.name),)
+    return x_ch, out, Effects(outputs=tuple(outs), links=tuple(links), roles=roles)

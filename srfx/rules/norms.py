@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..compensated_ln import CompensatedLayerNorm
 from ..facts import Effects, Link, Mix, Role
 from ..registry import ChannelRule, register_instance
-from .common import call_with, per_channel_constant, probe
+from .common import call_with, channel_effects, per_channel_constant, probe
 
 __all__ = ["BatchNormRule", "LayerNormRule", "CompensatedLayerNormRule", "GroupNormRule"]
 
@@ -38,24 +38,6 @@ def _shift_where_unscaled(weight, bias, otherwise: np.ndarray) -> np.ndarray:
     return np.where(w == 0, shift, otherwise)
 
 
-def _channel_effects(node, env, ch_axis, params, role_owner):
-    x = env.tensor_args()[0]
-    links, outs = [], []
-    for r in env.dims(x):
-        out = env.out(r.axes)
-        outs.append(out)
-        links.append(Link(r, out))
-    x_ch = env.dim_at(x, (ch_axis,))
-    out = env.out((ch_axis,))
-    if out not in outs:
-        outs.append(out)
-        links.append(Link(x_ch, out))
-    for p in params:
-        links.append(Link(out, p))
-    roles = (Role("op", out, role_owner, node.name),)
-    return x_ch, out, Effects(outputs=tuple(outs), links=tuple(links), roles=roles)
-
-
 class BatchNormRule(ChannelRule):
     name = "batch_norm"
 
@@ -77,7 +59,7 @@ class BatchNormRule(ChannelRule):
                 x = env.tensor_args()[0]
                 why = f"{node.name}: batch_norm with computed statistics or in training mode"
                 return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (1,)), why),))
-        return _channel_effects(node, env, 1, params, owner)[2]
+        return channel_effects(node, env, 1, params, owner)[2]
 
     def constants(self, node, env, known):
         if node.op == "call_function" and (env.concrete(env.arg(5, "training", False)) or env.arg(1, "running_mean") is None):
@@ -154,7 +136,7 @@ class LayerNormRule(ChannelRule):
         else:
             params = _arg_refs(env, [env.arg(2, "weight")] + ([env.arg(3, "bias")] if centered else []))
             owner = (weight or bias).rsplit(".", 1)[0] if (weight or bias) else node.name
-        x_ch, out, eff = _channel_effects(node, env, n - 1, params, owner)
+        x_ch, out, eff = channel_effects(node, env, n - 1, params, owner)
         kind = "LayerNorm" if centered else "RMSNorm"
         mix = Mix(x_ch, np.zeros(shape[0], dtype=np.int64), f"{owner}: {kind} statistics read all {shape[0]} channels")
         meta = {"norm": "layer" if centered else "rms", "weight": weight, "bias": bias, "eps": eps, "owner": owner}
@@ -237,7 +219,7 @@ class GroupNormRule(ChannelRule):
                 why = f"{node.name}: group_norm with computed affine parameters"
                 return Effects(fixed=tuple((r, why) for r in env.dims(x)) + ((env.dim_at(x, (1,)), why),))
             params, owner = _arg_refs(env, affine), (names[0].rsplit(".", 1)[0] if names else node.name)
-        x_ch, out, eff = _channel_effects(node, env, 1, params, owner)
+        x_ch, out, eff = channel_effects(node, env, 1, params, owner)
         per_group = channels // groups
         labels = np.arange(channels) // per_group
         mix = Mix(x_ch, labels, f"{owner}: GroupNorm statistics read each group of {per_group} channels")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..facts import Effects, Link, Ref, Role
 from ..registry import ChannelRule, lookup, register_instance
 from ..tracing import facts_of
-from .common import call_with, computed_scalars, mutates_input, per_channel_constant, probe, used_after
+from .common import call_with, channel_effects, computed_scalars, mutates_input, per_channel_constant, probe, used_after
 from .movement import Movement
 
 __all__ = ["Pointwise", "Comparison", "Where", "MaskedFill", "Logical", "pointwise_effects"]
@@ -241,6 +241,50 @@ _MODULES = [
     nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
 ]
 
+class PReLU(ChannelRule):
+    """nn.PReLU and F.prelu: ``x`` where ``x >= 0``, else slope times ``x``. One slope per
+    channel of axis 1 is a per-channel op (its slope goes with the channel, as a norm's scale
+    does); a single slope makes it an elementwise activation."""
+
+    name = "prelu"
+
+    def _slope(self, node, env):
+        """(qualname, tensor) of the slope, or None where it is computed."""
+        if node.op == "call_module":
+            return f"{node.target}.weight", env.module().weight
+        w = env.arg(1, "weight")
+        name = env.param_name(w) if w is not None else None
+        return (name, env.param_value(w)) if name is not None else None
+
+    def effects(self, node, env):
+        x = env.tensor_args()[0]
+        found = self._slope(node, env)
+        if found is None or (found[1].numel() > 1 and len(env.shape(x)) < 2):
+            why = f"{node.name}: prelu with a computed slope" if found is None else f"{node.name}: per-channel prelu on a 1-d input"
+            return Effects(fixed=tuple((r, why) for r in env.dims(x)))
+        name, slope = found
+        if slope.numel() == 1:
+            outs = tuple(env.out(r.axes) for r in env.dims(x))
+            return Effects(outputs=outs, links=tuple(Link(r, o) for r, o in zip(env.dims(x), outs)))
+        if node.op == "call_module":
+            return channel_effects(node, env, 1, [env.param_ref(name, 0)], node.target)[2]
+        return channel_effects(node, env, 1, list(env.dims(env.arg(1, "weight"))), name.rsplit(".", 1)[0])[2]
+
+    def constants(self, node, env, known):
+        found = self._slope(node, env)
+        if found is None:
+            return {}
+        slope = found[1].detach().double().flatten().numpy()
+        consts = {}
+        for r in env.dims(env.tensor_args()[0]):
+            if slope.size > 1 and r.axes != (1,):
+                continue  # the slope varies along axis 1: nothing constant along another axis
+            c = known.value(r)
+            consts[env.out(r.axes)] = np.where(c >= 0, c, (slope if slope.size > 1 else slope[0]) * c)  # NaN stays NaN
+        return consts
+
+
+register_instance(PReLU(), nn.PReLU, F.prelu)
 register_instance(Pointwise(), *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_BINARY_FUNCTIONS, *_BINARY_METHODS, *_MODULES)
 register_instance(Comparison(), *_COMPARISONS)
 register_instance(Where(), torch.where, "where")
