@@ -92,9 +92,10 @@ def test_a_head_with_only_a_dead_query_is_kept():
 
 
 @settings(deadline=None, max_examples=25)
-@given(heads=st.integers(1, 4), dk=st.integers(1, 4), dv=st.integers(1, 4), depth=st.integers(1, 2), data=st.data())
-def test_random_attention_blocks_stay_exact(heads, dk, dv, depth, data):
-    d = 6
+@given(data=st.data())
+def test_random_attention_blocks_stay_exact(data):
+    heads, dk, dv = (data.draw(st.integers(1, 4), label=name) for name in ("heads", "dk", "dv"))
+    depth, d = data.draw(st.integers(1, 2), label="depth"), 6
     model = _random(nn.Sequential(*[Block(d, heads, dk, dv) for _ in range(depth)]).double().eval(), data.draw(st.integers(0, 999)))
     with torch.no_grad():
         for block in model:

@@ -66,11 +66,10 @@ class ConvNeXtLike(nn.Module):
 
 
 @settings(deadline=None)
-@given(
-    d=st.integers(3, 10), depth=st.integers(1, 3), rms=st.booleans(), pool=st.sampled_from(["token", "mean"]),
-    data=st.data(),
-)
-def test_transformer_stream_channels_leave_exactly(d, depth, rms, pool, data):
+@given(data=st.data())
+def test_transformer_stream_channels_leave_exactly(data):
+    d, depth = data.draw(st.integers(3, 10), label="d"), data.draw(st.integers(1, 3), label="depth")
+    rms, pool = data.draw(st.booleans(), label="rms"), data.draw(st.sampled_from(["token", "mean"]), label="pool")
     torch.manual_seed(data.draw(st.integers(0, 10_000)))
     model = TinyTransformer(d, 2 * d, depth, rms, pool).double().eval()
     dead = data.draw(st.sets(st.integers(0, d - 1), min_size=1, max_size=d - 1))
@@ -96,8 +95,9 @@ def test_transformer_stream_channels_leave_exactly(d, depth, rms, pool, data):
 
 
 @settings(deadline=None, max_examples=15)
-@given(d=st.integers(3, 8), depth=st.integers(1, 2), data=st.data())
-def test_convnext_stream_channels_leave_exactly(d, depth, data):
+@given(data=st.data())
+def test_convnext_stream_channels_leave_exactly(data):
+    d, depth = data.draw(st.integers(3, 8), label="d"), data.draw(st.integers(1, 2), label="depth")
     torch.manual_seed(data.draw(st.integers(0, 10_000)))
     model = ConvNeXtLike(d, depth).double().eval()
     dead = sorted(data.draw(st.sets(st.integers(0, d - 1), min_size=1, max_size=d - 1)))

@@ -2,7 +2,10 @@
 
 Skipped unless SRFX_SOAK=N is set; then draws N examples from every model family and checks
 float64 equivalence, never-larger and an untouched input model, and writes the count of
-examples and failures to bench/results/soak.json (see README, "Soak").
+examples and failures to bench/results/soak.json (see README, "Soak"). ``test_soak_streams``
+draws N more from the property tests of the most intricate rewrites, each with its own
+checks: LayerNorm/RMSNorm streams of a transformer and of a ConvNeXt (compensated norms and
+their readers) and attention blocks losing heads and dims; bench/results/soak_streams.json.
 
     SRFX_SOAK=10000 python -m pytest tests/test_soak.py -q
 """
@@ -14,7 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import test_attention_heads
+import test_compensate_ln
 from strategies import any_model, fresh_input
 from test_properties import _compress, _report, _state, assert_same_function
 
@@ -52,4 +58,39 @@ def test_soak():
         stats["torch"] = torch.__version__
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(stats, indent=2) + "\n")
+    assert stats["failures"] == 0
+
+
+# the property tests' own bodies (hypothesis' documented ``inner_test``), drawing from ``data``
+STREAM_PROPERTIES = {
+    "transformer-stream": test_compensate_ln.test_transformer_stream_channels_leave_exactly,
+    "convnext-stream": test_compensate_ln.test_convnext_stream_channels_leave_exactly,
+    "attention": test_attention_heads.test_random_attention_blocks_stay_exact,
+}
+
+
+@pytest.mark.skipif(N == 0, reason="set SRFX_SOAK=N to run the soak")
+def test_soak_streams():
+    stats = {"examples": 0, "failures": 0, "by_family": {}}
+    start = time.time()
+
+    @settings(max_examples=N, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(family=st.sampled_from(sorted(STREAM_PROPERTIES)), data=st.data())
+    def run(family, data):
+        stats["examples"] += 1
+        stats["by_family"][family] = stats["by_family"].get(family, 0) + 1
+        try:
+            STREAM_PROPERTIES[family].hypothesis.inner_test(data=data)
+        except BaseException:
+            stats["failures"] += 1
+            raise
+
+    torch.set_num_threads(1)
+    try:
+        run()
+    finally:
+        stats["seconds"] = round(time.time() - start, 1)
+        stats["torch"] = torch.__version__
+        out = RESULTS.with_name("soak_streams.json")
+        out.write_text(json.dumps(stats, indent=2) + "\n")
     assert stats["failures"] == 0
