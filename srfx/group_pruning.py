@@ -8,8 +8,11 @@ every parameter axis is a dim, and its indices map to atoms (the units that live
 together). So this pruner scores each atom by the root-mean-square of the Linear/Conv weight
 entries it owns, relative to the other atoms of its group, and masks the weakest atoms whole,
 every parameter slice of theirs (biases, norm scales and shifts, layer scales too), until the
-requested fraction of Linear/Conv weights is masked; every group keeps at least one atom. After it, :func:`srfx.compress` removes each pruned atom exactly: it is zero
-everywhere, so it is unread, and free to leave even a LayerNorm stream.
+requested fraction of Linear/Conv weights is masked; every group keeps at least one atom. An
+attention head is one unit (its q, k and v rows and its columns of the output projection),
+and each attention call keeps at least one head. After it, :func:`srfx.compress` removes each
+pruned atom exactly: it is zero everywhere, so it is unread, and free to leave even a
+LayerNorm stream.
 
 Relative weight size cannot tell a narrow early stage (few weights per channel, every channel
 needed) from a wide late one; :func:`taylor_costs` can: each atom's first-order estimate of the
@@ -46,27 +49,57 @@ class Atoms:
 
 
 def atom_table(model: nn.Module, example_input: Any) -> Atoms:
-    """The atoms of shrinkable groups whose channels are single-axis (not heads x head dims),
-    with the parameter slices (qualname, axis, index) each owns and its group."""
+    """The units a group pruner may mask, with the parameter slices (qualname, axis, index)
+    each owns and its group: the atoms of shrinkable groups whose channels are single-axis,
+    and whole attention heads (a head's q, k and v atoms together; their group is the
+    attention call, so one head per call stays). Single dims of a head are not units: every
+    head must keep the same dims."""
     coupling = analyze(model, example_input)
     weights = dict(model.named_parameters())
-    blocked = set()
+    needed = set()
+    for did, _ in coupling.needs:
+        needed.update(coupling.atoms(coupling.dims[did]).tolist())
+    blocked = set(needed)
     for d in coupling.dims:
         group = coupling.groups[coupling.group_of_dim[d.id]]
         if group.fixed is not None or len(d.ref.axes) > 1:
             blocked.update(coupling.atoms(d).tolist())
-    for did, _ in coupling.needs:
-        blocked.update(coupling.atoms(coupling.dims[did]).tolist())
-    slices: dict[int, list] = defaultdict(list)
+    owned: dict[int, list] = defaultdict(list)  # every atom's parameter slices
     group_of: dict[int, int] = {}
     for d in coupling.dims:
         if not isinstance(d.ref.value, ParamKey) or d.ref.value.qualname not in weights:
             continue
         for index, atom in enumerate(coupling.atoms(d).tolist()):
-            if atom not in blocked:
-                slices[atom].append((d.ref.value.qualname, d.ref.axes[0], index))
-                group_of[atom] = int(coupling.group_of_dim[d.id])
-    return Atoms(dict(slices), group_of)
+            owned[atom].append((d.ref.value.qualname, d.ref.axes[0], index))
+            group_of[atom] = int(coupling.group_of_dim[d.id])
+    slices = {atom: owned[atom] for atom in owned if atom not in blocked}
+    group_of = {atom: group_of[atom] for atom in slices}
+    unit = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0
+    for call, heads in enumerate(_head_atoms(coupling)):
+        for atoms in heads:
+            if needed.intersection(atoms.tolist()):
+                continue
+            slices[unit] = [s for atom in atoms.tolist() for s in owned.get(atom, ())]
+            group_of[unit] = -1 - call
+            unit += 1
+    return Atoms(slices, group_of)
+
+
+def _head_atoms(coupling) -> list[list[np.ndarray]]:
+    """Per attention call whose channels may shrink, per head: the atoms of its q, k and v."""
+    calls = []
+    for eff in coupling.effects.values():
+        att = eff.meta.get("attention")
+        if not att:
+            continue
+        dims = [coupling.dim(att[n]) for n in ("q", "k", "v")]
+        if any(coupling.groups[coupling.group_of_dim[d.id]].fixed is not None for d in dims):
+            continue
+        grids = [coupling.atoms(d).reshape(d.sizes) for d in dims]
+        heads = grids[2].shape[0]
+        if heads > 1:
+            calls.append([np.unique(np.concatenate([g[h].ravel() for g in grids])) for h in range(heads)])
+    return calls
 
 
 def atom_slices(model: nn.Module, example_input: Any) -> dict[int, list[tuple[str, int, int]]]:

@@ -34,7 +34,48 @@ def test_every_masked_weight_leaves_an_mlp(sparsity):
     assert_close(model(x), small(x))
 
 
+def test_whole_attention_heads_are_units_and_leave():
+    """A head is pruned whole (its q, k and v rows, its columns of the output projection),
+    at least one per attention stays, and compress removes the pruned heads exactly."""
+    from test_attention_heads import Attention, _random
+
+    model = _random(nn.Sequential(Attention(d=12, heads=4, dk=3, dv=3), nn.Linear(12, 2)).eval(), 0)
+    with torch.no_grad():
+        model[0].v.weight[3:6] *= 0.01  # head 1 is by far the weakest
+    x = torch.randn(2, 5, 12)
+    masks = group_masks(model, x, 0.05)
+    dead = [h for h in range(4) if not masks["0.v.weight"][3 * h : 3 * h + 3].any()]
+    assert dead == [1]
+    for name in ("0.q.weight", "0.k.weight", "0.v.weight"):
+        assert not masks[name][3:6].any() and masks[name][[0, 6, 9]].all()
+    assert not masks["0.o.weight"][:, 3:6].any()
+    apply_masks(model, masks)
+    small = srfx.compress(model, x)
+    assert report(small).heads == (("scaled_dot_product_attention", 4, 3),)
+    assert_close(model(x), small(x))
+    assert_close(model(x + 1), small(x + 1))
+    masks = group_masks(model, x, 0.99)  # as far as it goes: one head stays
+    assert sum(bool(masks["0.v.weight"][3 * h : 3 * h + 3].any()) for h in range(4)) == 1
+
+
 timm = pytest.importorskip("timm")
+
+
+def test_a_weak_head_of_a_timm_vit_is_pruned_whole_and_leaves():
+    """timm's fused qkv projection (one Linear, heads split by reshape and permute)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[64:128] *= 0.01  # head 1's queries
+        model.blocks[0].attn.qkv.weight[256:320] *= 0.01  # ... and keys
+        model.blocks[0].attn.qkv.weight[448:512] *= 0.01  # ... and values
+    x = torch.randn(2, 3, 32, 32)
+    masks = group_masks(model, x, 0.05)
+    assert not masks["blocks.0.attn.qkv.weight"][[*range(64, 128), *range(256, 320), *range(448, 512)]].any()
+    apply_masks(model, masks)
+    small = srfx.compress(model, x)
+    assert report(small).heads == (("scaled_dot_product_attention", 3, 2),)
+    assert_close(model(x), small(x))
 
 
 def test_convnext_streams_shrink_by_what_was_masked():
