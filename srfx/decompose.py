@@ -20,6 +20,8 @@ result is never larger than the model.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,6 +73,27 @@ class DecomposedMultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(is_causal), scale=self.head_dim ** -0.5)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # their rows, in order, are in_proj_weight's
+
+
+def original_slice(model: nn.Module, qualname: str, axis: int, index: int) -> Optional[tuple[str, int, int]]:
+    """The slice of ``model``'s own parameter that a slice of a decomposed attention's
+    projection copies (``attn.k_proj.weight`` row i is ``attn.in_proj_weight`` row e + i), or
+    None when ``qualname`` is not such a projection."""
+    owner, _, leaf = qualname.rpartition(".")
+    parent, _, proj = owner.rpartition(".")
+    if proj not in _PROJECTIONS or leaf not in ("weight", "bias"):
+        return None
+    try:
+        mha = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    if not isinstance(mha, nn.MultiheadAttention) or not _expressible(mha):
+        return None
+    offset = _PROJECTIONS.index(proj) * mha.embed_dim if axis == 0 else 0
+    return f"{parent + '.' if parent else ''}in_proj_{leaf}", axis, index + offset
 
 
 def _expressible(mha: nn.MultiheadAttention) -> bool:

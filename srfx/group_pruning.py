@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .api import analyze
+from .decompose import original_slice
 from .facts import ParamKey
 from .modes import evaluating
 
@@ -67,11 +68,15 @@ def atom_table(model: nn.Module, example_input: Any) -> Atoms:
     owned: dict[int, list] = defaultdict(list)  # every atom's parameter slices
     group_of: dict[int, int] = {}
     for d in coupling.dims:
-        if not isinstance(d.ref.value, ParamKey) or d.ref.value.qualname not in weights:
+        if not isinstance(d.ref.value, ParamKey):
             continue
+        name, axis = d.ref.value.qualname, d.ref.axes[0]
         for index, atom in enumerate(coupling.atoms(d).tolist()):
-            owned[atom].append((d.ref.value.qualname, d.ref.axes[0], index))
-            group_of[atom] = int(coupling.group_of_dim[d.id])
+            # a decomposed nn.MultiheadAttention's projections are slices of its in_proj_weight
+            where = (name, axis, index) if name in weights else original_slice(model, name, axis, index)
+            if where is not None:
+                owned[atom].append(where)
+                group_of[atom] = int(coupling.group_of_dim[d.id])
     slices = {atom: owned[atom] for atom in owned if atom not in blocked}
     group_of = {atom: group_of[atom] for atom in slices}
     unit = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0

@@ -58,6 +58,38 @@ def test_whole_attention_heads_are_units_and_leave():
     assert sum(bool(masks["0.v.weight"][3 * h : 3 * h + 3].any()) for h in range(4)) == 1
 
 
+class _MhaStream(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.fc = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.fc(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_multihead_attention_units_own_their_in_proj_weight_slices():
+    """srfx traces nn.MultiheadAttention decomposed (q/k/v projections of its own); the units
+    own the rows and columns of the model's in_proj_weight they copy, so every masked weight
+    leaves, the streams' and the heads' alike."""
+    torch.manual_seed(0)
+    model = _MhaStream().eval()
+    with torch.no_grad():
+        for block in (4, 20, 36):  # head 1's q, k and v rows
+            model.attn.in_proj_weight[block : block + 4] *= 0.01
+    x = torch.randn(2, 5, 8)
+    masks = group_masks(model, x, 0.3)
+    assert not masks["attn.in_proj_weight"][[*range(4, 8), *range(20, 24), *range(36, 40)]].any()
+    assert (~masks["attn.in_proj_weight"]).all(0).any()  # a stream channel's column too
+    masked = sum(int((~m).sum()) for m in masks.values())
+    apply_masks(model, masks)
+    small = srfx.compress(model, x)
+    r = report(small)
+    assert r.heads == (("scaled_dot_product_attention", 4, 3),)
+    assert r.params_after <= r.params_before - masked
+    assert_close(model(x), small(x))
+
+
 timm = pytest.importorskip("timm")
 
 
