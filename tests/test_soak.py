@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisException, StopTest
 
 import test_attention_heads
 import test_compensate_ln
@@ -77,13 +78,19 @@ def test_soak_streams():
     @settings(max_examples=N, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(family=st.sampled_from(sorted(STREAM_PROPERTIES)), data=st.data())
     def run(family, data):
-        stats["examples"] += 1
-        stats["by_family"][family] = stats["by_family"].get(family, 0) + 1
+        def count(failed: bool) -> None:
+            stats["examples"] += 1
+            stats["failures"] += failed
+            stats["by_family"][family] = stats["by_family"].get(family, 0) + 1
+
         try:
             STREAM_PROPERTIES[family].hypothesis.inner_test(data=data)
+        except (StopTest, HypothesisException):
+            raise  # hypothesis' own signals (its data ran out mid-draw): not an example, not a failure
         except BaseException:
-            stats["failures"] += 1
+            count(True)
             raise
+        count(False)
 
     torch.set_num_threads(1)
     try:
