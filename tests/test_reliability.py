@@ -886,17 +886,23 @@ class DtypeCheck(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def test_a_condition_on_dtypes_is_decided_by_the_example():
-    """It made the model untraceable (TraceError). Now the example's dtypes decide it and the
-    model compresses; the other conditions on proxies still fail the trace."""
+def _compressed_without_three_units(model: nn.Module):
+    """``model`` (a: 4 -> 8, b: 8 -> 2) with b's first three columns zero, compressed and
+    checked on its example: (small, example)."""
     torch.manual_seed(0)
-    model = DtypeCheck().eval()
     with torch.no_grad():
         model.b.weight[:, :3] = 0
     x = torch.randn(3, 4)
     small = srfx.compress(model, x)
     assert small.a.out_features == 5
     assert_close(model(x), small(x))
+    return small, x
+
+
+def test_a_condition_on_dtypes_is_decided_by_the_example():
+    """It made the model untraceable (TraceError). Now the example's dtypes decide it and the
+    model compresses; the other conditions on proxies still fail the trace."""
+    _compressed_without_three_units(DtypeCheck().eval())
     with pytest.raises(srfx.TraceError):
         srfx.compress(GatedRoot().eval(), torch.randn(2, 4))
 
@@ -919,14 +925,8 @@ def test_a_dtype_decision_is_checked_when_the_compressed_model_runs():
     """The example's dtypes decided the branch. After ``.half()`` the model would take the
     other one (float32 logits); the compressed model used to return half logits without a
     word, and now refuses with the reason and the remedy."""
-    torch.manual_seed(0)
     model = HalfReturnsFloat().eval()
-    with torch.no_grad():
-        model.b.weight[:, :3] = 0
-    x = torch.randn(3, 4)
-    small = srfx.compress(model, x)
-    assert small.a.out_features == 5
-    assert_close(model(x), small(x))
+    small, x = _compressed_without_three_units(model)
     assert model.half()(x.half()).dtype == torch.float32
     with pytest.raises(AssertionError, match="Compress again with an example of the dtypes"):
         copy.deepcopy(small).half()(x.half())

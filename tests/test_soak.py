@@ -32,7 +32,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "soak.json
 @pytest.mark.skipif(N == 0, reason="set SRFX_SOAK=N to run the soak")
 def test_soak():
     stats = {"examples": 0, "failures": 0, "by_family": {}}
-    start = time.time()
 
     @settings(max_examples=N, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=any_model(spare=False))
@@ -51,15 +50,7 @@ def test_soak():
             stats["failures"] += 1
             raise
 
-    torch.set_num_threads(1)
-    try:
-        run()
-    finally:
-        stats["seconds"] = round(time.time() - start, 1)
-        stats["torch"] = torch.__version__
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(stats, indent=2) + "\n")
-    assert stats["failures"] == 0
+    _run_and_record(run, stats, RESULTS)
 
 
 # the property tests' own bodies (hypothesis' documented ``inner_test``), drawing from ``data``
@@ -73,7 +64,6 @@ STREAM_PROPERTIES = {
 @pytest.mark.skipif(N == 0, reason="set SRFX_SOAK=N to run the soak")
 def test_soak_streams():
     stats = {"examples": 0, "failures": 0, "by_family": {}}
-    start = time.time()
 
     @settings(max_examples=N, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(family=st.sampled_from(sorted(STREAM_PROPERTIES)), data=st.data())
@@ -92,12 +82,19 @@ def test_soak_streams():
             raise
         count(False)
 
+    _run_and_record(run, stats, RESULTS.with_name("soak_streams.json"))
+
+
+def _run_and_record(run, stats: dict, path: Path) -> None:
+    """Run the soak on one thread, write its counts to ``path`` however it ends, then fail if
+    any example did."""
     torch.set_num_threads(1)
+    start = time.time()
     try:
         run()
     finally:
         stats["seconds"] = round(time.time() - start, 1)
         stats["torch"] = torch.__version__
-        out = RESULTS.with_name("soak_streams.json")
-        out.write_text(json.dumps(stats, indent=2) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stats, indent=2) + "\n")
     assert stats["failures"] == 0
