@@ -82,10 +82,10 @@ def atom_table(model: nn.Module, example_input: Any) -> Atoms:
     unit = int(coupling.atom_of_slot.max()) + 1 if len(coupling.atom_of_slot) else 0
     for call, heads in enumerate(_head_atoms(coupling)):
         for atoms in heads:
-            if needed.intersection(atoms.tolist()):
+            head = [s for atom in atoms.tolist() for s in owned.get(atom, ())]
+            if not head or needed.intersection(atoms.tolist()):
                 continue
-            slices[unit] = [s for atom in atoms.tolist() for s in owned.get(atom, ())]
-            group_of[unit] = -1 - call
+            slices[unit], group_of[unit] = head, -1 - call
             unit += 1
     return Atoms(slices, group_of)
 

@@ -13,7 +13,7 @@ from ..env import NodeEnv, is_inplace
 from ..facts import Effects, Link, Role
 from ..tracing import facts_of
 
-__all__ = ["call_with", "mutates_input", "used_after", "probe", "per_channel_constant"]
+__all__ = ["call_with", "mutates_input", "used_after", "probe", "per_channel_constant", "channel_effects"]
 
 
 def call_with(node: fx.Node, env: NodeEnv, substitute: Callable[[fx.Node], Any]) -> Any:

@@ -20,7 +20,7 @@ from ..tracing import facts_of
 from .common import call_with, channel_effects, computed_scalars, mutates_input, per_channel_constant, probe, used_after
 from .movement import Movement
 
-__all__ = ["Pointwise", "Comparison", "Where", "MaskedFill", "Logical", "pointwise_effects"]
+__all__ = ["Pointwise", "Comparison", "Where", "MaskedFill", "Logical", "PReLU", "pointwise_effects"]
 
 def _parameter_behind(value, env):
     """The parameter a value is a view of (``gamma.reshape(1, -1, 1, 1)``, ``cls.expand(...)``)."""
@@ -240,6 +240,7 @@ _MODULES = [
     nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
 ]
+
 
 class PReLU(ChannelRule):
     """nn.PReLU and F.prelu: ``x`` where ``x >= 0``, else slope times ``x``. One slope per
