@@ -1,6 +1,7 @@
 """Coverage: does srfx.compress stay exact, and does it shrink anything, across timm's zoo?
 
-For each timm model (``pretrained=False``, eval mode, input ``(1, *pretrained_cfg.input_size)``)
+For each timm model (``pretrained=False``, eval mode, input ``(1, *pretrained_cfg.input_size)``;
+tier TV: torchvision's, ``weights=None``, 224 x 224, 299 for inception_v3)
 kill random channels with ``_common.kill_channels`` (the logic of ``tests/helpers.py``: zero
 rows/columns of every Linear/Conv weight, nonzero random BatchNorm statistics and scales,
 un-zeroed zero-init heads and layer-scale gammas; by default also other near-zero layer
@@ -29,7 +30,7 @@ the most frequent group ``fixed`` reasons and barriers (from ``srfx.analyze``) a
 
 Prints a table and a summary line, writes bench/results/coverage.json (``--out``).
 
-    python bench/coverage.py [--tier A|B|C|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
+    python bench/coverage.py [--tier A|B|C|TV|all] [--models resnet18 ...] [--kill-rate 0.3] [--seed 0]
         [--dtype float32|float64] [--threshold T] [--canonical] [--no-recheck64] [--threads 1] [--out coverage.json]
 """
 from __future__ import annotations
@@ -62,7 +63,14 @@ TIER_B = [
 # plain fx cannot trace some of their blocks (control flow on shapes, proxy iteration): srfx
 # keeps those module instances whole and compresses the rest
 TIER_C = ["mobilevit_xxs", "tiny_vit_5m_224", "nest_tiny", "mvitv2_tiny", "convit_tiny", "efficientvit_m0"]
-TIERS = {"A": TIER_A, "B": TIER_B, "C": TIER_C, "all": TIER_A + TIER_B}
+# torchvision's own implementations (``tv:`` + name for torchvision.models.get_model): other code
+# for familiar architectures (nn.MultiheadAttention encoders, its Swin and MaxViT, channel shuffle)
+TIER_TV = [f"tv:{n}" for n in (
+    "resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
+    "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf", "densenet121", "googlenet", "inception_v3", "convnext_tiny",
+    "vit_b_16", "swin_t", "maxvit_t",
+)]
+TIERS = {"A": TIER_A, "B": TIER_B, "C": TIER_C, "TV": TIER_TV, "all": TIER_A + TIER_B}
 
 
 def _reason_kind(reason: str) -> str:
@@ -110,17 +118,28 @@ def _analysis_reasons(model, x, rec) -> None:
 
 def build(name: str, kill_rate: float, seed: int, fresh_seed: int, wake_scales: bool, dtype: torch.dtype):
     """The model with dead channels, the example input and a fresh input (all seeded)."""
-    import timm
+    torch.manual_seed(seed)  # timm and torchvision initialize from the global generator: same weights every run
+    if name.startswith("tv:"):
+        model, size = _torchvision_model(name[3:])
+    else:
+        import timm
 
-    torch.manual_seed(seed)  # timm initializes from the global generator: same weights every run
-    model = timm.create_model(name, pretrained=False).eval()
+        model = timm.create_model(name, pretrained=False).eval()
+        size = tuple((model.pretrained_cfg or {}).get("input_size", (3, 224, 224)))
     C.kill_channels(model, rate=kill_rate, seed=seed, wake_scales=wake_scales)
     model = model.to(dtype)
-    cfg = model.pretrained_cfg or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
     x = torch.randn((1, *size), generator=torch.Generator().manual_seed(seed)).to(dtype)
     fresh = torch.randn((1, *size), generator=torch.Generator().manual_seed(fresh_seed)).to(dtype)
     return model, x, fresh
+
+
+def _torchvision_model(name: str):
+    """A torchvision model without weights, in eval mode, and its input size."""
+    import torchvision
+
+    extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **extra).eval()
+    return model, (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
 
 
 def recheck_float64(name: str, kill_rate: float, seed: int, fresh_seed: int, wake_scales: bool) -> float | str:
@@ -228,7 +247,8 @@ def _error_cell(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     C.add_common_args(ap, models=None, threads=1, out="coverage.json", models_help="timm model names (default: the --tier lists)")
-    ap.add_argument("--tier", choices=sorted(TIERS), default="all", help="A, B, C (partly untraceable) or all = A and B (default all)")
+    ap.add_argument("--tier", choices=sorted(TIERS), default="all",
+                    help="A, B, C (partly untraceable), TV (torchvision's models) or all = A and B (default all)")
     ap.add_argument("--kill-rate", type=float, default=0.3, help="share of rows zeroed per Linear/Conv (default 0.3)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="model and input dtype (default float32); float64 makes the check strong where the output barely depends on the input")
@@ -246,7 +266,7 @@ def main(argv=None) -> int:
         args.threshold = TOLERANCES[dtype][0]
     warnings.filterwarnings("ignore")
     models = args.models or TIERS[args.tier]
-    tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B} | {m: "C" for m in TIER_C}
+    tier_of = {m: "A" for m in TIER_A} | {m: "B" for m in TIER_B} | {m: "C" for m in TIER_C} | {m: "TV" for m in TIER_TV}
 
     def one(name: str) -> dict:
         t0 = time.perf_counter()
