@@ -179,9 +179,10 @@ def dtype_guard_message(condition: fx.Node, value: bool) -> str:
 
 
 def dtype_guards(graph: fx.Graph) -> tuple[str, ...]:
-    """The messages of the dtype guards in ``graph``: what the model assumes of its inputs."""
-    return tuple(n.args[1] for n in graph.nodes
-                 if n.op == "call_function" and n.target is torch._assert and str(n.args[1]).startswith(DTYPE_GUARD))
+    """The messages of the dtype guards in ``graph``, each once (a check repeated in every
+    block of a stack is one assumption): what the model assumes of its inputs."""
+    return tuple(dict.fromkeys(n.args[1] for n in graph.nodes
+                               if n.op == "call_function" and n.target is torch._assert and str(n.args[1]).startswith(DTYPE_GUARD)))
 
 
 _OPERATOR_TEXT = {operator.eq: "==", operator.ne: "!=", operator.is_: "is", operator.is_not: "is not"}
