@@ -222,6 +222,53 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
     setattr(_InPlaceProxy, f"__{_name}__", _augmented(_name))
 
 
+@contextlib.contextmanager
+def _recording_autocast(tracer: fx.Tracer):
+    """``with torch.autocast(...)`` in forward runs while fx traces and leaves nothing in the
+    graph. While ``tracer`` traces, entering and leaving such a block also records
+    ``torch.amp._enter_autocast`` / ``_exit_autocast`` nodes (the calls torch.export records
+    for it), and those calls in a graph traced again are recorded rather than run."""
+    from torch.amp import autocast_mode
+
+    cls = autocast_mode.autocast
+    real_enter, real_exit = cls.__enter__, cls.__exit__
+    enter_fn, exit_fn = autocast_mode._enter_autocast, autocast_mode._exit_autocast
+    entered: list[tuple[Any, fx.Node]] = []
+    tracing = threading.get_ident()  # other threads' autocast blocks are theirs: not recorded
+
+    def enter_block(self):
+        out = real_enter(self)
+        if threading.get_ident() == tracing:
+            node = tracer.create_node("call_function", enter_fn, (self.device, self.fast_dtype, self._enabled, self._cache_enabled), {})
+            entered.append((self, node))
+        return out
+
+    def exit_block(self, *exc):
+        if entered and entered[-1][0] is self:
+            tracer.create_node("call_function", exit_fn, (entered.pop()[1],), {})
+        return real_exit(self, *exc)
+
+    def enter_call(*vals):
+        if threading.get_ident() != tracing:
+            return enter_fn(*vals)
+        return tracer.create_proxy("call_function", enter_fn, vals, {})
+
+    def exit_call(mode):
+        if threading.get_ident() != tracing:
+            return exit_fn(mode)
+        return tracer.create_proxy("call_function", exit_fn, (mode,), {})
+
+    cls.__enter__, cls.__exit__ = enter_block, exit_block
+    autocast_mode._enter_autocast = torch.amp._enter_autocast = enter_call
+    autocast_mode._exit_autocast = torch.amp._exit_autocast = exit_call
+    try:
+        yield
+    finally:
+        cls.__enter__, cls.__exit__ = real_enter, real_exit
+        autocast_mode._enter_autocast = torch.amp._enter_autocast = enter_fn
+        autocast_mode._exit_autocast = torch.amp._exit_autocast = exit_fn
+
+
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` with constant-time parameter lookups.
 
@@ -264,7 +311,8 @@ class _Tracer(fx.Tracer):
             real_dis = proxy_module.dis
             proxy_module.dis = _CachedDis(real_dis)
             try:
-                return super().trace(root, concrete_args)
+                with _recording_autocast(self):
+                    return super().trace(root, concrete_args)
             finally:
                 proxy_module.dis = real_dis
                 self._params, self._buffers = {}, {}

@@ -716,6 +716,39 @@ def test_compress_under_autocast_works_and_verifies_at_the_models_dtype():
     assert torch.allclose(small(x), m(x), rtol=1e-5, atol=1e-6)
 
 
+class FullPrecision(nn.Module):
+    """Computes in float32 whatever autocast the caller runs it under (as models do for
+    numerically sensitive parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.b(torch.relu(self.a(x.float())))
+
+
+def test_an_autocast_block_inside_forward_is_part_of_the_result():
+    """fx ran ``with torch.autocast(...)`` while tracing and recorded nothing of it: under the
+    caller's autocast the result computed in bfloat16 where the model keeps float32. The
+    block's entry and exit are now nodes of the graph, and survive a second compress."""
+    torch.manual_seed(0)
+    m = FullPrecision().eval()
+    with torch.no_grad():
+        m.a.weight[:6], m.a.bias[:6] = 0, -1.0  # six dead units
+    x = torch.randn(3, 8)
+    small = srfx.compress(m, x)
+    assert small.a.out_features == 10
+    again = srfx.compress(small, x)
+    exported = torch.export.export(small, (x,)).module()
+    for result in (small, again, exported):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = m(x), result(x)
+        assert got.dtype == expected.dtype == torch.float32
+        assert_close(expected, got)
+
+
 def test_torchscript_models_are_refused_and_scripted_submodules_kept_whole():
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
