@@ -144,18 +144,19 @@ class _NotADtypeCondition(Exception):
     pass
 
 
-def _dtype_condition(node: Any, root: torch.nn.Module) -> Any:
-    """The value of ``node`` if it is a comparison of dtypes of model inputs (the example's)
-    and parameters or buffers, else raise :class:`_NotADtypeCondition`."""
+def _dtype_condition(node: Any, root: torch.nn.Module, example_value=None) -> Any:
+    """The value of ``node`` if it is a comparison of dtypes of model inputs (the example's),
+    parameters or buffers, or (with ``example_value(node)``, the value a node takes on the
+    example) intermediate tensors; else raise :class:`_NotADtypeCondition`."""
     if not isinstance(node, fx.Node):
         if isinstance(node, torch.dtype):
             return node
         raise _NotADtypeCondition
     if node.op == "call_function" and node.target in (operator.eq, operator.ne, operator.is_, operator.is_not):
-        a, b = (_dtype_condition(arg, root) for arg in node.args)
+        a, b = (_dtype_condition(arg, root, example_value) for arg in node.args)
         return node.target(a, b)
     if node.op == "call_function" and node.target is operator.not_:
-        return not _dtype_condition(node.args[0], root)
+        return not _dtype_condition(node.args[0], root, example_value)
     if node.op == "call_function" and node.target is getattr and node.args[1] == "dtype" and isinstance(node.args[0], fx.Node):
         source = node.args[0]
         if source.op == "placeholder":
@@ -163,11 +164,63 @@ def _dtype_condition(node: Any, root: torch.nn.Module) -> Any:
             index = [n for n in source.graph.nodes if n.op == "placeholder"].index(source)
             if index < len(inputs):
                 return inputs[index].dtype
-        if source.op == "get_attr":
+        elif source.op == "get_attr":
             tensor = _tensor_at(root, source.target)
             if tensor is not None:
                 return tensor.dtype
+        elif example_value is not None:
+            value = example_value(source)
+            if isinstance(value, torch.Tensor):
+                return value.dtype
     raise _NotADtypeCondition
+
+
+class _ExampleRun:
+    """The values the graph traced so far takes on the example inputs, run eagerly node by
+    node as far as asked (each node once per trace), on srfx's own copy with its buffers kept
+    as they were. Autocast entries and exits are not run: srfx traces with autocast off."""
+
+    def __init__(self, tracer: fx.Tracer):
+        self.tracer, self.values, self.interpreter = tracer, {}, None
+
+    def __call__(self, node: fx.Node) -> Any:
+        """``node``'s value on the example, or None where it cannot be had (the condition then
+        stays undecided, a trace failure as before)."""
+        if node in self.values:
+            return self.values[node]
+        inputs = getattr(_EXAMPLES, "inputs", None)
+        revert = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", None)  # else fx's patches make proxies
+        if inputs is None or revert is None or not isinstance(self.tracer.root, torch.nn.Module):
+            return None
+        if self.interpreter is None:
+            self.interpreter = fx.Interpreter(self.tracer.root, garbage_collect_values=False, graph=self.tracer.graph)
+            self.interpreter.env = self.values
+        self.tracer._running_example = True
+        try:
+            with revert(), torch.no_grad(), preserved_buffers(self.tracer.root):
+                self._run_to(node, inputs)
+        except Exception:  # an op that does not run eagerly here: undecided
+            return None
+        finally:
+            self.tracer._running_example = False
+        return self.values.get(node)
+
+    def _run_to(self, node: fx.Node, inputs: tuple) -> None:
+        placeholders = 0
+        for n in self.tracer.graph.nodes:
+            if n.op == "placeholder":
+                placeholders += 1
+            if n in self.values:
+                continue
+            if n.op == "placeholder":
+                index = placeholders - 1
+                self.values[n] = inputs[index].clone() if index < len(inputs) else (n.args[0] if n.args else None)
+            elif n.op == "call_function" and n.target in _AUTOCAST_CALLS:
+                self.values[n] = None
+            else:
+                self.values[n] = self.interpreter.run_node(n)
+            if n is node:
+                return
 
 
 DTYPE_GUARD = "srfx decided by the example's dtypes that "
@@ -222,6 +275,15 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
     setattr(_InPlaceProxy, f"__{_name}__", _augmented(_name))
 
 
+def _autocast_calls() -> frozenset:
+    from torch.amp import autocast_mode
+
+    return frozenset({autocast_mode._enter_autocast, autocast_mode._exit_autocast})
+
+
+_AUTOCAST_CALLS = _autocast_calls()
+
+
 @contextlib.contextmanager
 def _recording_autocast(tracer: fx.Tracer):
     """``with torch.autocast(...)`` in forward runs while fx traces and leaves nothing in the
@@ -236,9 +298,12 @@ def _recording_autocast(tracer: fx.Tracer):
     entered: list[tuple[Any, fx.Node]] = []
     tracing = threading.get_ident()  # other threads' autocast blocks are theirs: not recorded
 
+    def recording() -> bool:  # nor blocks run by srfx's own eager run of the example
+        return threading.get_ident() == tracing and not getattr(tracer, "_running_example", False)
+
     def enter_block(self):
         out = real_enter(self)
-        if threading.get_ident() == tracing:
+        if recording():
             node = tracer.create_node("call_function", enter_fn, (self.device, self.fast_dtype, self._enabled, self._cache_enabled), {})
             entered.append((self, node))
         return out
@@ -249,12 +314,12 @@ def _recording_autocast(tracer: fx.Tracer):
         return real_exit(self, *exc)
 
     def enter_call(*vals):
-        if threading.get_ident() != tracing:
+        if not recording():
             return enter_fn(*vals)
         return tracer.create_proxy("call_function", enter_fn, vals, {})
 
     def exit_call(mode):
-        if threading.get_ident() != tracing:
+        if not recording():
             return exit_fn(mode)
         return tracer.create_proxy("call_function", exit_fn, (mode,), {})
 
@@ -292,7 +357,7 @@ class _Tracer(fx.Tracer):
         take the other branch are refused, not run down the example's); any other condition
         on a proxy stays a trace failure."""
         try:
-            value = bool(_dtype_condition(obj.node, self.root))
+            value = bool(_dtype_condition(obj.node, self.root, self._example_run))
         except _NotADtypeCondition:
             return super().to_bool(obj)
         held = self.create_node("call_function", operator.eq, (obj.node, value), {})
@@ -310,12 +375,13 @@ class _Tracer(fx.Tracer):
         with _TRACE_LOCK:
             real_dis = proxy_module.dis
             proxy_module.dis = _CachedDis(real_dis)
+            self._example_run = _ExampleRun(self)
             try:
                 with _recording_autocast(self):
                     return super().trace(root, concrete_args)
             finally:
                 proxy_module.dis = real_dis
-                self._params, self._buffers = {}, {}
+                self._params, self._buffers, self._example_run = {}, {}, None
 
     def _name_of(self, value: Any) -> str | None:
         if isinstance(value, torch.nn.Parameter):

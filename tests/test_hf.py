@@ -3,7 +3,7 @@
 transformers 5 dropped ``transformers.utils.fx`` and parts of its models do not trace with plain
 ``torch.fx`` (position-id slicing by proxies, shape checks in forward). ``srfx.compress`` keeps
 those module instances whole (the embeddings and the self-attention of BERT and ViT) and
-minimizes the rest; ViTModel's own dtype check is decided by the example's dtypes. The ``torch.compile`` backend sees everything: dynamo
+minimizes the rest; ViTModel's own dtype check and BART's float16 clamp are decided by the example's dtypes. The ``torch.compile`` backend sees everything: dynamo
 captures the graph, :class:`srfx.Backend` minimizes it. The FFN intermediate dimension must shrink (the LayerNorm
 streams and attention heads are not asserted on: they may or may not shrink yet).
 """
@@ -152,6 +152,35 @@ def test_compress_takes_bert_without_token_types():
     wrapper = _Bert(model, token_types=False).eval()
     small = srfx.compress(wrapper, ids)
     assert small.meta[srfx.REPORT_KEY].params_after < small.meta[srfx.REPORT_KEY].params_before
+    other = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        assert_close(wrapper(other), small(other))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids):
+        return self.encoder(input_ids=ids).last_hidden_state
+
+
+def test_bart_encoder_layers_trace_past_their_float16_clamp():
+    """BartEncoderLayer clamps only ``if hidden_states.dtype == torch.float16 and not
+    torch.isfinite(...)``: a condition on an intermediate value's dtype. Decided by the
+    example, the layers trace (only their self-attention stays whole) and their FFN units go;
+    they used to be kept whole."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(encoder_layers=2, decoder_layers=1, d_model=HIDDEN, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=100, max_position_embeddings=64)
+    wrapper = _Encoder(transformers.BartModel(cfg).get_encoder()).eval()
+    _kill_ffn_units(wrapper)
+    ids = torch.randint(0, 100, (2, 9))
+    assert set(srfx.trace(wrapper, ids).untraceable) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
+    small = srfx.compress(wrapper, ids)
+    ups = [m.out_features for n, m in small.named_modules() if n.endswith("fc1")]
+    assert len(ups) == 2 and all(0 < u < FFN for u in ups), ups
     other = torch.randint(0, 100, (3, 7))
     with torch.no_grad():
         assert_close(wrapper(other), small(other))

@@ -973,6 +973,38 @@ def test_a_dtype_decision_is_checked_when_the_compressed_model_runs():
     assert_close(small(x), exported(x))
 
 
+class ClampInHalf(nn.Module):
+    """HF's encoder layers (BART, Whisper, ...): clamp only when the stream is float16, a
+    condition on an intermediate value's dtype, short-circuiting a data-dependent test."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(6, 12), nn.Linear(12, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = x + self.fc2(torch.relu(self.fc1(x)))
+        if h.dtype == torch.float16 and not torch.isfinite(h).all():
+            h = h.clamp(-1000, 1000)
+        return self.out(h)
+
+
+def test_a_condition_on_an_intermediate_dtype_is_decided_by_the_example_too():
+    """It kept the block whole (its FFN could not shrink); now the example decides it (the
+    value it takes on the example, run eagerly up to there) and a guard checks it on every call."""
+    torch.manual_seed(0)
+    model = ClampInHalf().eval()
+    with torch.no_grad():
+        model.fc1.weight[:5], model.fc1.bias[:5] = 0, -1.0  # five dead hidden units
+    x = torch.randn(3, 6)
+    assert not srfx.trace(model, x).untraceable
+    small = srfx.compress(model, x)
+    assert small.fc1.out_features == 7
+    assert_close(model(x), small(x))
+    assert "`add.dtype == torch.float16` is False" in small.meta[srfx.REPORT_KEY].assumptions[0]
+    with pytest.raises(AssertionError, match="Compress again"):
+        copy.deepcopy(small).half()(x.half())
+
+
 class GatedRoot(nn.Module):
     def __init__(self):
         super().__init__()
