@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import linecache
 import re
 from pathlib import Path
 
@@ -33,10 +34,16 @@ def _block(marker: str) -> str:
 
 
 def _run(code: str, namespace: dict | None = None) -> tuple[dict, str]:
+    """Run a README block under a name of its own that linecache knows: tracebacks show the
+    block's lines, and code that reads a function's source (dynamo tokenizes the whole file a
+    frame comes from) reads the block, not README.md, which is no Python."""
     ns = dict(namespace or {})
     out = io.StringIO()
+    text = README.read_text()
+    name = f"<README.md block at line {text[: text.index(code)].count(chr(10)) + 1}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), ns)
+        exec(compile(code, name, "exec"), ns)
     return ns, out.getvalue()
 
 
