@@ -30,6 +30,9 @@ __all__ = ["DecomposedMultiheadAttention", "DecomposedTransformerEncoderLayer", 
            "decompose_modules", "mixed_calls", "unseen"]
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # their rows, in order, are in_proj_weight's
+
+
 class DecomposedMultiheadAttention(nn.Module):
     """The eval-mode function of ``mha`` for ``need_weights=False`` calls without masks, or
     with ``is_causal=True`` and its ``attn_mask`` (torch then drops the mask for the causal
@@ -40,12 +43,13 @@ class DecomposedMultiheadAttention(nn.Module):
         e, h = mha.embed_dim, mha.num_heads
         self.num_heads, self.head_dim, self.batch_first = h, e // h, mha.batch_first
         w, b = mha.in_proj_weight.detach(), mha.in_proj_bias
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=b is not None, dtype=w.dtype, device=w.device) for _ in range(3))
         with torch.no_grad():
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            for i, name in enumerate(_PROJECTIONS):  # row blocks of in_proj_weight, in order (original_slice maps back)
+                proj = nn.Linear(e, e, bias=b is not None, dtype=w.dtype, device=w.device)
                 proj.weight.copy_(w[i * e : (i + 1) * e])
                 if b is not None:
                     proj.bias.copy_(b.detach()[i * e : (i + 1) * e])
+                setattr(self, name, proj)
         self.out_proj = mha.out_proj
         self.original = mha  # for the calls this form cannot express
 
@@ -73,9 +77,6 @@ class DecomposedMultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(is_causal), scale=self.head_dim ** -0.5)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # their rows, in order, are in_proj_weight's
 
 
 def original_slice(model: nn.Module, qualname: str, axis: int, index: int) -> Optional[tuple[str, int, int]]:

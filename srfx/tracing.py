@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+from torch.amp import autocast_mode
 from torch.fx.proxy import ParameterProxy
 
 from .decompose import Unexpressible, decompose_modules, mixed_calls, unseen
@@ -275,13 +276,8 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
     setattr(_InPlaceProxy, f"__{_name}__", _augmented(_name))
 
 
-def _autocast_calls() -> frozenset:
-    from torch.amp import autocast_mode
-
-    return frozenset({autocast_mode._enter_autocast, autocast_mode._exit_autocast})
-
-
-_AUTOCAST_CALLS = _autocast_calls()
+# the calls an autocast block becomes in a graph (the real ones: tracing patches the names)
+_AUTOCAST_CALLS = frozenset({autocast_mode._enter_autocast, autocast_mode._exit_autocast})
 
 
 @contextlib.contextmanager
@@ -290,8 +286,6 @@ def _recording_autocast(tracer: fx.Tracer):
     graph. While ``tracer`` traces, entering and leaving such a block also records
     ``torch.amp._enter_autocast`` / ``_exit_autocast`` nodes (the calls torch.export records
     for it), and those calls in a graph traced again are recorded rather than run."""
-    from torch.amp import autocast_mode
-
     cls = autocast_mode.autocast
     real_enter, real_exit = cls.__enter__, cls.__exit__
     enter_fn, exit_fn = autocast_mode._enter_autocast, autocast_mode._exit_autocast
@@ -352,10 +346,10 @@ class _Tracer(fx.Tracer):
         return _InPlaceProxy(node, self)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        """``if x.dtype != w.dtype:`` on a model input or parameter: decided by the example's
-        dtypes, and a guard in the graph checks the decision on every call (inputs that would
-        take the other branch are refused, not run down the example's); any other condition
-        on a proxy stays a trace failure."""
+        """``if x.dtype != w.dtype:`` on a model input, a parameter or an intermediate value:
+        decided by the example's dtypes, and a guard in the graph checks the decision on every
+        call (inputs that would take the other branch are refused, not run down the
+        example's); any other condition on a proxy stays a trace failure."""
         try:
             value = bool(_dtype_condition(obj.node, self.root, self._example_run))
         except _NotADtypeCondition:
