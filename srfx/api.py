@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .coupling import Coupling, coupling_groups
-from .errors import InputError, RewriteError, SrfxError, TraceError, VerificationError
+from .errors import InputError, RewriteError, TraceError, VerificationError
 from .planning import Plan, plan_removal
 from .report import Report, count_macs, count_parameters, count_stored
 from .tracing import Traced, _FactRecorder, dtype_guards, hooked_modules, preserved_buffers, refuse_wrappers, trace, working_copy
@@ -59,12 +59,13 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
         )
 
 
-def _blame_an_unfaithful_trace(reference: nn.Module, inputs: tuple, random_inputs: int, failure: VerificationError) -> None:
-    """A rewrite failed verification: if a fresh trace, rewritten in no way, differs from the
-    model too, the graph fx recorded was wrong to begin with; say so (TraceError) rather than
-    blame the rewrite."""
+def _blame_an_unfaithful_trace(reference: nn.Module, traced: fx.GraphModule, inputs: tuple, random_inputs: int, failure: VerificationError) -> None:
+    """A rewrite failed verification: if the traced graph it started from (the passes rewrite
+    copies, so it is as fx recorded it) differs from the model too, the graph fx recorded was
+    wrong to begin with; say so (TraceError) rather than blame the rewrite."""
     try:
-        _verify(reference, trace(reference, inputs).graph_module, inputs, random_inputs=random_inputs)
+        with preserved_buffers(traced):
+            _verify(reference, traced, inputs, random_inputs=random_inputs)
     except VerificationError:
         raise TraceError(
             f"torch.fx's trace of {type(reference).__name__} computes something else than the model before srfx changed "
@@ -73,8 +74,6 @@ def _blame_an_unfaithful_trace(reference: nn.Module, inputs: tuple, random_input
             "or a write into a tensor that fx traced as a new one. Make forward a function of its inputs and weights "
             "(keep counters and caches outside it)."
         ) from failure
-    except SrfxError:
-        pass  # the fresh trace failed some other way: the original failure stands
 
 
 def _rebuilt(traced: fx.GraphModule, folded: fx.GraphModule, removal: Plan) -> tuple[str, ...]:
@@ -236,7 +235,7 @@ def _compress(model: nn.Module, example_input: Any, *, sparsity: Optional[float]
         try:
             err = _verify(reference, result, traced.example_inputs, random_inputs=random_inputs) if verify else None
         except VerificationError as exc:
-            _blame_an_unfaithful_trace(reference, traced.example_inputs, random_inputs, exc)
+            _blame_an_unfaithful_trace(reference, traced.graph_module, traced.example_inputs, random_inputs, exc)
             raise
     result.meta[REPORT_KEY] = Report(
         params_before=count_parameters(reference),
